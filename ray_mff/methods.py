@@ -1,0 +1,93 @@
+"""The ONE registry of fusion methods: a name becomes a *fuser*.
+
+A fuser is any object with ``name`` and ``fuse(images) -> FusionResult``. Two families:
+
+- classical (``guided``, ``dwt``): plain array code in :mod:`ray_mff.fusion`, no weights;
+- learned (``cascade`` — the default — and the other registered models): a network from
+  :mod:`ray_mff.models` run by an engine (:mod:`ray_mff.engines`), driven by
+  :class:`ray_mff.fusion.model_fuser.ModelFuser`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ray_mff.fusion.result import FusionResult
+
+DEFAULT_METHOD = "cascade"
+CLASSICAL_METHODS = ("guided", "dwt")
+
+
+@dataclass
+class ClassicalFuser:
+    """Wraps a classical ``fuse_xxx(images, **options) -> FusionResult`` function."""
+
+    name: str
+    function: Callable[..., FusionResult]
+    options: dict = field(default_factory=dict)
+    engine: str = "numpy"
+    precision: str = "fp32"
+
+    def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
+        result = self.function(images, **self.options)
+        result.stats.setdefault("engine", self.engine)
+        result.stats.setdefault("precision", self.precision)
+        return result
+
+
+def _classical(name: str) -> Callable[..., FusionResult]:
+    if name == "guided":
+        from ray_mff.fusion.guided import fuse_guided
+
+        return fuse_guided
+    if name == "dwt":
+        from ray_mff.fusion.dwt import fuse_dwt
+
+        return fuse_dwt
+    raise KeyError(name)
+
+
+def list_methods() -> list[str]:
+    """Every name ``--method`` accepts: learned models first, then classical methods."""
+    from ray_mff.models import list_models
+
+    return [*list_models(), *CLASSICAL_METHODS]
+
+
+def default_method() -> str:
+    """The shipped default model when its weights are in the package, else ``guided``."""
+    from pathlib import Path
+
+    shipped = Path(__file__).parent / "models" / "weights" / f"{DEFAULT_METHOD}.safetensors"
+    return DEFAULT_METHOD if shipped.is_file() else "guided"
+
+
+def get_fuser(
+    name: str | None = None,
+    *,
+    engine: str = "auto",
+    precision: str = "fp32",
+    calibration: bool = True,
+    weights: str | None = "default",
+    **options,
+):
+    """Build the fuser for ``name`` (``None`` = :func:`default_method`).
+
+    ``engine``/``precision`` apply to learned models; ``calibration`` selects decision
+    calibration (True) or serial pair-by-pair fusion (False) for stacks of more than two images;
+    other keyword options go to the method (e.g. ``area_ratio`` for ``guided``).
+    """
+    name = name or default_method()
+    if name in CLASSICAL_METHODS:
+        return ClassicalFuser(name, _classical(name), options)
+    from ray_mff.models import list_models
+
+    if name not in list_models():
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
+    from ray_mff.engines import make_engine
+    from ray_mff.fusion.model_fuser import ModelFuser
+
+    engine_obj = make_engine(name, engine=engine, precision=precision, weights=weights)
+    return ModelFuser(engine_obj, calibration=calibration, **options)

@@ -1,0 +1,217 @@
+"""One stack in, one fused image and one manifest row out; and the local (no Ray) loop over a run.
+
+:func:`process_stack` is the unit of work everywhere: the local loop below, the Ray Data
+pipeline's fusion actors (:mod:`ray_mff.pipeline`) and the nightly job all call it, so a stack is
+read, fused, written and scored the same way whoever runs it. It never raises for bad input: a
+bad stack becomes an error row naming the file and the reason, and the run carries on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ray_mff import io, manifest, storage
+from ray_mff.errors import EmptyStackError, MFFError
+from ray_mff.fusion.result import FusionResult
+from ray_mff.stacks import Stack
+
+log = logging.getLogger("ray_mff")
+
+DECISION_MAP_DIR = "decision_maps"
+
+
+@dataclass
+class RunOptions:
+    """How a run writes its outputs. Shared by the local loop and the Ray pipeline."""
+
+    output_format: str | None = None  # "png" | "tif" | "jpg"; None = PNG for 8-bit, TIFF otherwise
+    save_decision_maps: bool = False
+    compute_metrics: bool = True
+    metrics_max_pixels: int = 16_000_000  # larger results get NaN metrics (they cost O(N*H*W))
+    max_pixels: int = io.DEFAULT_MAX_PIXELS
+    force: bool = False
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    output: str
+    fused: int = 0
+    skipped: int = 0
+    failed: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every stack was fused or skipped, 1 when any failed."""
+        return 1 if self.failed else 0
+
+
+def source_fingerprint(stack: Stack) -> str:
+    """Identity of a stack's inputs: uris plus, where discovery listed them, sizes and mtimes.
+
+    A stack whose latest row failed is retried only when this changes (the user fixed a file),
+    so reruns neither repeat known failures nor add duplicate rows for them.
+    """
+    h = hashlib.sha1()
+    for i, uri in enumerate(stack.uris):
+        h.update(uri.encode())
+        for key in ("sizes", "mtimes"):
+            values = stack.meta.get(key)
+            if values is not None and i < len(values):
+                h.update(f"|{values[i]}".encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def output_uri_for(output_root: str, stack_id: str, image: np.ndarray | None, fmt: str | None) -> str:
+    ext = f".{fmt.lower().lstrip('.')}" if fmt else (io.default_extension(image) if image is not None else ".png")
+    return storage.join_uri(output_root, f"{stack_id}{ext}")
+
+
+def _base_row(stack: Stack, fuser_name: str) -> dict:
+    row = manifest.empty_row()
+    row.update(
+        stack_id=stack.id,
+        source_uris=list(stack.uris),
+        source_fingerprint=source_fingerprint(stack),
+        n_images=len(stack.uris),
+        method=fuser_name,
+        warning=stack.meta.get("warning"),
+    )
+    return row
+
+
+def _decision_map_image(result: FusionResult) -> np.ndarray | None:
+    """8-bit picture of the decision: D for pairs, the source index scaled to 0..255 otherwise."""
+    if result.weights is None:
+        return None
+    n = result.weights.shape[-1]
+    if n == 2:
+        return np.clip(np.rint(result.weights[..., 0] * 255), 0, 255).astype(np.uint8)
+    return np.rint(result.index_map.astype(np.float32) * (255.0 / (n - 1))).astype(np.uint8)
+
+
+def _score(images: list[np.ndarray], fused: np.ndarray, opts: RunOptions) -> dict:
+    if not opts.compute_metrics or fused.shape[0] * fused.shape[1] > opts.metrics_max_pixels:
+        return {}
+    from ray_mff import metrics
+
+    return {
+        "q_g": metrics.q_g(images, fused),
+        "q_y": metrics.q_y(images, fused),
+        "q_mi": metrics.q_mi(images, fused),
+    }
+
+
+def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> dict:
+    """Read, fuse, write and score one stack; return its manifest row (status ok or error)."""
+    t0 = time.perf_counter()
+    row = _base_row(stack, getattr(fuser, "name", str(fuser)))
+    try:
+        if stack.meta.get("error"):
+            raise EmptyStackError(stack.id, stack.meta["error"])
+        if not stack.uris:
+            raise EmptyStackError(stack.id, "stack has no images")
+        images = io.read_stack(stack.uris, max_pixels=opts.max_pixels)
+        first = images[0]
+        row.update(height=first.shape[0], width=first.shape[1],
+                   channels=1 if first.ndim == 2 else first.shape[2], dtype=str(first.dtype))
+        out_uri = output_uri_for(output_root, stack.id, first, opts.output_format)
+        if len(images) == 1:
+            # Nothing to fuse: pass the image through so the archive stays complete, and say so.
+            io.write_image(out_uri, first)
+            row.update(status=manifest.STATUS_OK, output_uri=out_uri, engine="none",
+                       warning=row["warning"] or "one-image stack passed through unfused")
+        else:
+            result = fuser.fuse(images)
+            io.write_image(out_uri, result.fused)
+            row.update(status=manifest.STATUS_OK, output_uri=out_uri,
+                       engine=result.stats.get("engine"), precision=result.stats.get("precision"),
+                       calibration=result.stats.get("calibration"))
+            if opts.save_decision_maps:
+                dmap = _decision_map_image(result)
+                if dmap is not None:
+                    dm_uri = storage.join_uri(output_root, DECISION_MAP_DIR, f"{stack.id}.png")
+                    io.write_image(dm_uri, dmap)
+                    row["decision_map_uri"] = dm_uri
+            row.update(_score(images, result.fused, opts))
+    except MFFError as err:
+        row.update(status=manifest.STATUS_ERROR, error=str(err))
+    except Exception as err:  # an unexpected failure on one stack must not stop the archive run
+        log.exception("stack %s failed", stack.id)
+        row.update(status=manifest.STATUS_ERROR, error=f"{stack.id}: {type(err).__name__}: {err}")
+    row["seconds"] = round(time.perf_counter() - t0, 4)
+    row["finished_at"] = _utc_now()
+    return row
+
+
+def _utc_now():
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def plan_run(stacks: list[Stack], output_root: str, opts: RunOptions) -> tuple[list[Stack], list[Stack]]:
+    """Split stacks into (to do, skipped). A stack is skipped, unless ``force``, when its newest
+    manifest row is ok and its output still exists, or failed on the very same inputs."""
+    if opts.force:
+        return list(stacks), []
+    latest = manifest.latest_rows(output_root)
+    todo, skipped = [], []
+    for stack in stacks:
+        row = latest.get(stack.id)
+        done = False
+        if row is not None:
+            if row["status"] == manifest.STATUS_OK:
+                done = bool(row["output_uri"]) and storage.exists(row["output_uri"])
+            elif row["status"] == manifest.STATUS_ERROR:
+                done = row["source_fingerprint"] == source_fingerprint(stack)
+        (skipped if done else todo).append(stack)
+    return todo, skipped
+
+
+def _progress(items: list, enabled: bool) -> Iterable:
+    """A tqdm bar on a terminal, plain log lines otherwise."""
+    if enabled and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(items, unit="stack", desc="fusing")
+    return items
+
+
+def run_local(
+    stacks: list[Stack],
+    fuser,
+    output_root: str,
+    opts: RunOptions,
+    *,
+    run_id: str | None = None,
+    progress: bool = True,
+    on_row: Callable[[dict], None] | None = None,
+) -> RunSummary:
+    """Fuse ``stacks`` one after another in this process (no Ray), flushing the manifest as it goes."""
+    run_id = run_id or manifest.new_run_id()
+    todo, skipped = plan_run(stacks, output_root, opts)
+    summary = RunSummary(run_id=run_id, output=output_root, skipped=len(skipped))
+    with manifest.ManifestWriter(output_root, run_id) as writer:
+        for stack in _progress(todo, progress):
+            row = process_stack(stack, fuser, output_root, opts)
+            writer.add(row)
+            summary.rows.append(row)
+            if row["status"] == manifest.STATUS_OK:
+                summary.fused += 1
+            else:
+                summary.failed += 1
+                log.warning("%s", row["error"])
+            if not (progress and sys.stderr.isatty()):
+                log.info("%s %s %.2fs", row["stack_id"], row["status"], row["seconds"])
+            if on_row:
+                on_row(row)
+    return summary

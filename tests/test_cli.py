@@ -1,0 +1,153 @@
+"""The local CLI end to end, as a user runs it: good and bad stacks, the manifest, reruns."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ray_mff
+from ray_mff import cli, io
+from ray_mff.synthetic import render_focus_stack
+
+
+def _texture(h: int, w: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.random((h // 8, w // 8, 3))
+    import cv2
+
+    img = cv2.resize(base, (w, h), interpolation=cv2.INTER_CUBIC) + 0.15 * rng.random((h, w, 3))
+    return np.clip(img / img.max(), 0, 1)
+
+
+@pytest.fixture()
+def archive(tmp_path: Path) -> Path:
+    """A flat folder and sub-folders mixing good stacks with every kind of bad one."""
+    root = tmp_path / "in"
+    root.mkdir()
+    stack, _, _ = render_focus_stack(_texture(96, 128, 1), 2, seed=1, dtype=np.uint8)
+    io.write_image(str(root / "pair_A.png"), stack[0])
+    io.write_image(str(root / "pair_B.png"), stack[1])
+    deep = root / "deep16"
+    deep.mkdir()
+    stack16, _, _ = render_focus_stack(_texture(80, 96, 2)[..., 0], 3, seed=2, dtype=np.uint16)
+    for i, img in enumerate(stack16):
+        io.write_image(str(deep / f"deep_z{i:03d}.tif"), img)
+    # a truncated PNG: the bytes of a real one cut in half
+    good = (root / "pair_A.png").read_bytes()
+    (root / "broken_A.png").write_bytes(good[: len(good) // 2])
+    (root / "broken_B.png").write_bytes((root / "pair_B.png").read_bytes())
+    # members of different sizes
+    io.write_image(str(root / "mismatch_A.png"), stack[0])
+    io.write_image(str(root / "mismatch_B.png"), stack[1][:64, :64])
+    # a non-image claiming a focal plane
+    io.write_image(str(root / "text_A.png"), stack[0])
+    (root / "text_B.png").write_text("this is not an image")
+    # a one-image stack and an empty stack folder
+    io.write_image(str(root / "single_A.png"), stack[0])
+    (root / "empty").mkdir()
+    return root
+
+
+def _manifest(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "manifest.parquet")
+
+
+def test_fuse_archive_with_bad_stacks(archive: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["fuse", str(archive), str(out), "--method", "guided", "--executor", "local"])
+    assert code == 1  # some stacks failed: the exit code says so
+    df = _manifest(out)
+    assert df["stack_id"].is_unique
+    by_id = df.set_index("stack_id")
+    ok = set(df.loc[df.status == "ok", "stack_id"])
+    assert {"pair", "single"} <= ok and any("deep" in s for s in ok)
+    # each bad stack is an error row naming its file and the reason
+    assert "broken_A.png" in by_id.loc["broken", "error"]
+    assert "mismatch_B.png" in by_id.loc["mismatch", "error"]
+    assert "text_B.png" in by_id.loc["text", "error"]
+    errors = df[df.status == "error"]
+    assert len(errors) == 4  # broken, mismatch, text, empty
+    assert errors["error"].notna().all()
+    # good stacks: outputs of the right type, dtype kept end to end
+    pair = by_id.loc["pair"]
+    assert pair["output_uri"].endswith("pair.png") and pair["dtype"] == "uint8"
+    assert pair["q_g"] > 0.3 and pair["n_images"] == 2
+    deep = df[df.stack_id.str.contains("deep")].iloc[0]
+    assert deep["output_uri"].endswith(".tif")
+    fused16 = io.read_image(deep["output_uri"])
+    assert fused16.dtype == np.uint16 and fused16.shape == (80, 96)
+    assert "passed through" in by_id.loc["single", "warning"]
+    # nothing half-written: only finished images and the manifest in OUTPUT
+    leftovers = [p for p in out.rglob("*") if p.is_file() and (p.name.startswith(".") or "tmp" in p.name)]
+    assert leftovers == []
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "broken_A.png" in printed
+
+
+def test_rerun_does_only_what_is_missing(archive: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    args = ["fuse", str(archive), str(out), "--method", "guided", "--executor", "local", "--no-metrics"]
+    cli.main(args)
+    first = _manifest(out)
+    # second run: everything is done (known failures on unchanged inputs are not repeated)
+    cli.main(args)
+    assert len(_manifest(out)) == len(first)
+    # lose one output: the rerun redoes exactly that stack
+    os.remove(out / "pair.png")
+    cli.main(args)
+    df = _manifest(out)
+    assert len(df) == len(first) + 1
+    assert (out / "pair.png").is_file()
+    # fix a bad stack: the rerun notices the changed input and fuses it
+    (archive / "text_B.png").unlink()
+    io.write_image(str(archive / "text_B.png"), io.read_image(str(archive / "pair_B.png")))
+    cli.main(args)
+    latest = ray_mff.manifest.latest_rows(str(out))
+    assert latest["text"]["status"] == "ok"
+    # --force redoes every stack
+    n_before = len(_manifest(out))
+    cli.main(args + ["--force"])
+    assert len(_manifest(out)) == n_before + len(first)
+
+
+def test_eval_prints_table_and_json(archive: Path, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    cli.main(["fuse", str(archive), str(out), "--method", "dwt", "--executor", "local", "--no-metrics"])
+    capsys.readouterr()
+    assert cli.main(["eval", str(archive), str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    scored = {r["stack_id"]: r for r in report["stacks"] if "error" not in r}
+    assert "pair" in scored and 0 < scored["pair"]["q_g"] <= 1
+    assert report["mean"]["q_y"] > 0.5
+    cli.main(["eval", str(archive), str(out)])
+    assert "MEAN" in capsys.readouterr().out
+
+
+def test_python_api_matches_cli(tmp_path: Path):
+    stack, truth, _ = render_focus_stack(_texture(64, 80, 3), 3, seed=3, dtype=np.uint8)
+    result = ray_mff.fuse_stack(stack, method="guided")
+    assert result.fused.shape == truth.shape and result.fused.dtype == np.uint8
+    assert result.weights.shape == (64, 80, 3)
+    assert result.index_map.max() <= 2
+    paths = []
+    for i, img in enumerate(stack):
+        paths.append(str(tmp_path / f"s_{i}.png"))
+        io.write_image(paths[-1], img)
+    from_files = ray_mff.fuse_stack(paths, method="guided")
+    np.testing.assert_array_equal(from_files.fused, result.fused)
+
+
+def test_cli_help_and_unknown_method(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fuse", "--help"])
+    assert exc.value.code == 0
+    assert "--method" in capsys.readouterr().out
+    (tmp_path / "in").mkdir()
+    io.write_image(str(tmp_path / "in" / "x_A.png"), np.zeros((8, 8), np.uint8))
+    io.write_image(str(tmp_path / "in" / "x_B.png"), np.zeros((8, 8), np.uint8))
+    code = cli.main(["fuse", str(tmp_path / "in"), str(tmp_path / "out"), "--method", "nope"])
+    assert code == 2 and "unknown method" in capsys.readouterr().err
