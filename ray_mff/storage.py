@@ -1,0 +1,221 @@
+"""The one filesystem resolver: a uri (local path, ``file://``, ``s3://``, any fsspec URL) -> (fs, path).
+
+Every module that touches bytes on disk or in an object store goes through here, so endpoint
+and credential handling live in one place.
+
+S3 endpoint, in order of precedence (the first set wins):
+
+1. the explicit ``s3_endpoint`` argument,
+2. the process-wide default from :func:`set_s3_endpoint` (the CLI's ``--s3-endpoint``),
+3. ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL`` (the variables the AWS CLI and SDKs honour),
+4. AWS's default endpoint.
+
+Credentials are never passed or logged here: s3fs/botocore find them in the usual AWS
+environment variables, ``~/.aws`` config/credentials files, or the instance role.
+
+Filesystem instances are cached by fsspec itself (one instance per protocol + options, per
+process; fsspec drops the cache in a forked child), so calling :func:`resolve` per file is cheap.
+
+Example::
+
+    >>> fs, path = resolve("/tmp/x.png")
+    >>> fs.protocol[0], path
+    ('file', '/tmp/x.png')
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import secrets
+from typing import NamedTuple
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import get_protocol
+
+_LOCAL_PROTOCOLS = frozenset({"file", "local"})
+_S3_PROTOCOLS = frozenset({"s3", "s3a"})
+
+
+class FileEntry(NamedTuple):
+    """One file found by :func:`list_files`: its uri (in the root's own spelling), its path
+    relative to the root (posix separators) and its size in bytes."""
+
+    uri: str
+    relpath: str
+    size: int | None
+
+
+def s3_endpoint_from_env() -> str | None:
+    """The S3 endpoint override the AWS tools honour: ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+# Process-wide default set by the CLI's --s3-endpoint (and by each Ray fusion actor from the
+# driver's value), so code that only passes uris (io.read_image, manifest parts) reaches the same store.
+_s3_endpoint_default: str | None = None
+
+
+def set_s3_endpoint(url: str | None) -> None:
+    """Make ``url`` this process's S3 endpoint: it ranks below an explicit ``s3_endpoint``
+    argument and above the environment variables. ``None`` clears it."""
+    global _s3_endpoint_default
+    _s3_endpoint_default = url or None
+
+
+def effective_s3_endpoint(s3_endpoint: str | None = None) -> str | None:
+    """The endpoint :func:`resolve` uses for ``s3://`` uris: explicit > :func:`set_s3_endpoint` > env."""
+    return s3_endpoint or _s3_endpoint_default or s3_endpoint_from_env()
+
+
+def protocol(uri: str) -> str:
+    """``"file"`` for local paths and ``file://`` uris, else the URL scheme (``"s3"``, ``"gcs"``, ...)."""
+    return get_protocol(str(uri))
+
+
+def is_remote(uri: str) -> bool:
+    """True when ``uri`` names an object store or other non-local filesystem."""
+    return protocol(uri) not in _LOCAL_PROTOCOLS
+
+
+def resolve(uri: str, *, s3_endpoint: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """uri -> (fsspec filesystem, path within it).
+
+    ``s3://`` uris get an ``s3fs.S3FileSystem`` pointed at :func:`effective_s3_endpoint`
+    (see module docstring); all other uris go through ``fsspec.url_to_fs``.
+    Local paths come back absolute.
+    """
+    uri = os.fspath(uri)
+    proto = protocol(uri)
+    options: dict = {}
+    if proto in _S3_PROTOCOLS:
+        endpoint = effective_s3_endpoint(s3_endpoint)
+        if endpoint:
+            options["endpoint_url"] = endpoint
+    # fsspec caches the instance for equal (protocol, options): no cache of our own needed.
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+def join_uri(root: str, *parts: str) -> str:
+    """Join path parts onto a root, keeping the root's spelling (local path or URL).
+
+    >>> join_uri("s3://bucket/in/", "a", "b.png")
+    's3://bucket/in/a/b.png'
+    """
+    root = os.fspath(root)
+    parts = tuple(str(p).strip("/") for p in parts if str(p).strip("/"))
+    if "://" in root:
+        head = root.rstrip("/")
+        if head.endswith(":/"):  # "s3://" + "bucket" must not lose the second slash
+            head += "/"
+        return "/".join((head, *parts)) if parts else head
+    return os.path.join(root, *parts) if parts else root
+
+
+def basename(uri: str) -> str:
+    """Last path component of a uri or local path (``s3://b/p/`` -> ``p``, ``s3://b`` -> ``b``)."""
+    uri = os.fspath(uri)
+    if "://" in uri:
+        return posixpath.basename(uri.split("://", 1)[1].rstrip("/"))
+    return os.path.basename(os.path.abspath(uri))
+
+
+def exists(uri: str, *, s3_endpoint: str | None = None) -> bool:
+    fs, path = resolve(uri, s3_endpoint=s3_endpoint)
+    return fs.exists(path)
+
+
+def list_files(root: str, *, s3_endpoint: str | None = None) -> list[FileEntry]:
+    """Every file under a folder or prefix (recursive), sorted by uri, with sizes from the listing.
+
+    Directory placeholders (S3 keys ending in ``/``) are left out. The uris keep the root's
+    spelling (``join_uri(root, relative_path)``), so a relative root gives relative paths and an
+    ``s3://`` root gives ``s3://`` uris. A missing root lists as empty.
+    """
+    return walk(root, s3_endpoint=s3_endpoint)[0]
+
+
+def walk(root: str, *, s3_endpoint: str | None = None) -> tuple[list[FileEntry], list[str]]:
+    """One recursive listing -> (files as in :func:`list_files`, sub-folders as sorted relative posix paths).
+
+    On object stores a "folder" is seen when it holds keys or exists as a ``name/`` marker key;
+    that is how discovery notices an empty stack folder.
+    """
+    fs, path = resolve(root, s3_endpoint=s3_endpoint)
+    if is_remote(root):
+        fs.invalidate_cache(path)  # listings are taken once per job: always fresh
+    if fs.isfile(path):
+        info = fs.info(path)
+        return [FileEntry(os.fspath(root), basename(root), info.get("size"))], []
+    if not fs.isdir(path):
+        return [], []
+    prefix = path.rstrip("/") + "/"
+    files, dirs = [], set()
+    for p, info in fs.find(path, withdirs=True, detail=True).items():
+        if not p.startswith(prefix):
+            continue
+        rel = p[len(prefix):]
+        if info.get("type") == "directory" or p.endswith("/"):
+            if rel.strip("/"):
+                dirs.add(rel.strip("/"))
+            continue
+        files.append(FileEntry(join_uri(root, *rel.split("/")), rel, info.get("size")))
+    return sorted(files), sorted(dirs)
+
+
+def read_bytes(uri: str, *, s3_endpoint: str | None = None, fs: fsspec.AbstractFileSystem | None = None) -> bytes:
+    """The whole content of a file. Raises FileNotFoundError / PermissionError / OSError as the fs does."""
+    if fs is None:
+        fs, path = resolve(uri, s3_endpoint=s3_endpoint)
+    else:
+        path = uri
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(
+    uri: str, data: bytes, *, s3_endpoint: str | None = None, fs: fsspec.AbstractFileSystem | None = None
+) -> None:
+    """Write ``data`` so that readers see either no file or the whole file, never a partial one.
+
+    Local: write a hidden temp file in the destination folder (same filesystem, so the rename
+    is atomic), fsync it, then ``os.replace`` it onto the name; the temp file is removed on any
+    error. Remote: one put (``pipe_file``); S3 makes an object visible only when the PUT or
+    multipart upload completes. Parent folders are created as needed.
+    """
+    if fs is None:
+        fs, path = resolve(uri, s3_endpoint=s3_endpoint)
+    else:
+        path = uri
+    data = bytes(data)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    path = LocalFileSystem._strip_protocol(path)
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    # Leading dot: discovery ignores hidden names, so a crashed writer's leftover is never a stack member.
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+    # os.open with 0o666 respects the umask (mkstemp would leave the final file 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def remove(uri: str, *, missing_ok: bool = True, s3_endpoint: str | None = None) -> None:
+    """Delete one file; a missing file is fine unless ``missing_ok=False``."""
+    fs, path = resolve(uri, s3_endpoint=s3_endpoint)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
