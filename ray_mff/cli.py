@@ -51,10 +51,15 @@ def _mean(rows: list[dict], key: str) -> float:
 # ----------------------------------------------------------------------------------------- fuse
 
 def add_fuse_arguments(p: argparse.ArgumentParser) -> None:
-    from ray_mff.methods import default_method
-
     p.add_argument("input", help="folder or s3:// prefix of stacks (sub-folder per stack, or a naming pattern)")
     p.add_argument("output", help="folder or s3:// prefix for fused images and manifest.parquet")
+    add_fuse_options(p)
+
+
+def add_fuse_options(p: argparse.ArgumentParser) -> None:
+    """Every `fuse` option but INPUT/OUTPUT (shared with jobs/nightly_fuse.py)."""
+    from ray_mff.methods import default_method
+
     p.add_argument("--method", "--model", dest="method", default=None,
                    help=f"fusion method or model (default: {default_method()}); see `ray-mff methods`")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
@@ -78,6 +83,11 @@ def add_fuse_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-actors", type=int, default=None, help="Ray: fusion actors (default: one per CPU/GPU)")
     p.add_argument("--batch-size", type=int, default=1, help="Ray: stacks per actor batch")
     p.add_argument("--ray-address", default=None, help="Ray: cluster address (default: local or RAY_ADDRESS)")
+    p.add_argument("--gpus-per-actor", type=float, default=None,
+                   help="Ray: GPUs per fusion actor (default: 1 for learned models when the cluster has GPUs, "
+                        "else 0; set 1 on an autoscaling cluster whose GPU workers start at zero)")
+    p.add_argument("--flush-every", type=int, default=32,
+                   help="Ray: manifest part file every N finished stacks (a killed run keeps what it flushed)")
 
 
 def fuser_spec_from_args(args) -> dict:
@@ -119,7 +129,8 @@ def print_run_summary(summary, out=None) -> None:
           f"-> {summary.output}", file=out)
 
 
-def cmd_fuse(args) -> int:
+def run_fuse(args):
+    """Discover, plan and fuse as ``ray-mff fuse`` does; the RunSummary (None when INPUT holds no stacks)."""
     from ray_mff import storage
     from ray_mff.methods import get_fuser
     from ray_mff.runner import run_local
@@ -129,8 +140,7 @@ def cmd_fuse(args) -> int:
         storage.set_s3_endpoint(args.s3_endpoint)
     stacks = discover_stacks(args.input, pattern=args.pattern)
     if not stacks:
-        print(f"ray-mff: {args.input}: no stacks found", file=sys.stderr)
-        return 2
+        return None
     spec = fuser_spec_from_args(args)
     opts = run_options_from_args(args)
     executor = args.executor
@@ -140,12 +150,18 @@ def cmd_fuse(args) -> int:
     if executor == "ray":
         from ray_mff.pipeline import run_pipeline
 
-        summary = run_pipeline(stacks, spec, args.output, opts, num_actors=args.num_actors,
-                               batch_size=args.batch_size, ray_address=args.ray_address,
-                               s3_endpoint=args.s3_endpoint)
-    else:
-        fuser = get_fuser(**spec)
-        summary = run_local(stacks, fuser, args.output, opts)
+        return run_pipeline(stacks, spec, args.output, opts, num_actors=args.num_actors,
+                            batch_size=args.batch_size, ray_address=args.ray_address,
+                            s3_endpoint=args.s3_endpoint, num_gpus_per_actor=args.gpus_per_actor,
+                            flush_every=args.flush_every)
+    return run_local(stacks, get_fuser(**spec), args.output, opts)
+
+
+def cmd_fuse(args) -> int:
+    summary = run_fuse(args)
+    if summary is None:
+        print(f"ray-mff: {args.input}: no stacks found", file=sys.stderr)
+        return 2
     print_run_summary(summary)
     return summary.exit_code
 

@@ -160,21 +160,38 @@ def _utc_now():
 
 def plan_run(stacks: list[Stack], output_root: str, opts: RunOptions) -> tuple[list[Stack], list[Stack]]:
     """Split stacks into (to do, skipped). A stack is skipped, unless ``force``, when its newest
-    manifest row is ok and its output still exists, or failed on the very same inputs."""
+    manifest row was made from the very same inputs (:func:`source_fingerprint`) and either is ok
+    with its output still there, or failed.
+
+    So a rerun (the nightly job) does exactly what is new: stacks never seen, stacks whose members
+    changed since (a late-uploaded focal plane, a replaced file), outputs deleted by hand, and
+    stacks a killed run finished without recording.
+    """
     if opts.force:
         return list(stacks), []
     latest = manifest.latest_rows(output_root)
+    present = _existing_outputs(output_root) if latest else set()
     todo, skipped = [], []
     for stack in stacks:
         row = latest.get(stack.id)
         done = False
-        if row is not None:
+        if row is not None and row["source_fingerprint"] == source_fingerprint(stack):
             if row["status"] == manifest.STATUS_OK:
-                done = bool(row["output_uri"]) and storage.exists(row["output_uri"])
+                uri = row["output_uri"]
+                done = bool(uri) and (uri in present or storage.exists(uri))
             elif row["status"] == manifest.STATUS_ERROR:
-                done = row["source_fingerprint"] == source_fingerprint(stack)
+                done = True
         (skipped if done else todo).append(stack)
     return todo, skipped
+
+
+def _existing_outputs(output_root: str) -> set[str]:
+    """Every file under the output root, from one listing: on an object store one LIST call per
+    1000 keys instead of one HEAD per stack (uris the listing spells differently fall back to a HEAD)."""
+    try:
+        return {entry.uri for entry in storage.list_files(output_root)}
+    except OSError:
+        return set()
 
 
 def _progress(items: list, enabled: bool) -> Iterable:
