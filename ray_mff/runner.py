@@ -116,7 +116,8 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
     row = _base_row(stack, getattr(fuser, "name", str(fuser)))
     try:
         if stack.meta.get("error"):
-            raise EmptyStackError(stack.id, stack.meta["error"])
+            where = stack.uris[0] if stack.uris else stack.meta.get("folder_uri", stack.id)
+            raise EmptyStackError(where, stack.meta["error"])
         if not stack.uris:
             raise EmptyStackError(stack.id, "stack has no images")
         images = io.read_stack(stack.uris, max_pixels=opts.max_pixels)

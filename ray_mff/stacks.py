@@ -235,7 +235,8 @@ def _folder_stacks(folder: str, files: list[_File], root: str, namer: _Namer) ->
             out.append(_make_stack(_folder_id(folder, root), folder, "folder", pattern, members))
         elif not others and not unmatched:
             out.append(Stack(_folder_id(folder, root), (), {"layout": "folder", "folder": folder, "indices": (),
-                                                            "sizes": (), "error": "empty folder: no image files"}))
+                                                            "sizes": (), "error": "empty folder: no image files",
+                                                            "folder_uri": storage.join_uri(root, folder) if folder else root}))
         return out
 
     groups: dict[str, list[tuple[str, _File]]] = {}
