@@ -33,7 +33,8 @@ class RunOptions:
     output_format: str | None = None  # "png" | "tif" | "jpg"; None = PNG for 8-bit, TIFF otherwise
     save_decision_maps: bool = False
     compute_metrics: bool = True
-    metrics_max_pixels: int = 16_000_000  # larger results get NaN metrics (they cost O(N*H*W))
+    metrics_max_pixels: int = 16_000_000  # larger results get no metrics (they cost O(N*H*W))
+    q_y_max_sources: int = 8  # Q_Y compares every pair of sources: O(N^2*H*W); skipped above this
     max_pixels: int = io.DEFAULT_MAX_PIXELS
     force: bool = False
 
@@ -103,11 +104,10 @@ def _score(images: list[np.ndarray], fused: np.ndarray, opts: RunOptions) -> dic
         return {}
     from ray_mff import metrics
 
-    return {
-        "q_g": metrics.q_g(images, fused),
-        "q_y": metrics.q_y(images, fused),
-        "q_mi": metrics.q_mi(images, fused),
-    }
+    scores = {"q_g": metrics.q_g(images, fused), "q_mi": metrics.q_mi(images, fused)}
+    if len(images) <= opts.q_y_max_sources:
+        scores["q_y"] = metrics.q_y(images, fused)
+    return scores
 
 
 def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> dict:
