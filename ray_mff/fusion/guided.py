@@ -1,0 +1,155 @@
+"""Focus-measure + guided-filter fusion: a classical decision-map method for N >= 2 sources.
+
+Pipeline (per stack):
+  1. focus measure per source on luminance (energy of the Laplacian by default; Huang & Jing 2007),
+  2. per-pixel argmax over sources -> index map (the "initial decision map"),
+  3. consistency verification: small-region relabelling, then guided-filter refinement with the
+     initial fused image as guide (Liu et al. 2017, Sec. 3.3-3.4; He et al. 2013),
+  4. F = sum_n W_n * I_n on every channel.
+It is Liu et al.'s post-processing with a hand-made focus measure in place of the CNN, close in
+spirit to GFDF (Qiu et al., "Guided filter-based multi-focus image fusion through focus region
+detection", Signal Processing: Image Communication 2019).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from ray_mff.fusion.consistency import verify_index_map
+from ray_mff.fusion.decision import fuse_with_weights
+from ray_mff.fusion.focus_measure import FOCUS_MEASURES
+from ray_mff.fusion.luminance import luminance
+from ray_mff.fusion.result import FusionResult
+
+
+def check_stack(images: Sequence[np.ndarray]) -> None:
+    """Raise ValueError unless ``images`` holds N >= 2 arrays of one shape and dtype."""
+    if len(images) < 2:
+        raise ValueError(f"fusion needs N >= 2 images, got {len(images)}")
+    first = images[0]
+    for n, img in enumerate(images):
+        if img.shape != first.shape or img.dtype != first.dtype:
+            raise ValueError(f"image {n} is {img.shape} {img.dtype}, image 0 is {first.shape} {first.dtype}")
+        if img.ndim not in (2, 3):
+            raise ValueError(f"image {n} must be (H, W) or (H, W, C), got {img.shape}")
+
+
+def focus_index_map(
+    lums: Sequence[np.ndarray],
+    focus_measure: Callable[[np.ndarray, int], np.ndarray],
+    window: int,
+    ambiguity_ratio: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel sharpest source and the evidence for it.
+
+    Returns (index, evidence): index (H, W) uint16 of the source with the largest focus measure;
+    evidence (H, W) float32 log(best / second-best focus measure), >= 0.
+
+    Pixels where the best focus measure does not exceed ``ambiguity_ratio`` x the second best
+    (flat or saturated areas, where every source looks alike, including exact ties) carry no
+    decision of their own: they take the index of the nearest decided pixel. Left alone, a
+    large flat area would default to one arbitrary source (ties) or to noise, and could join a
+    genuinely focused region of that source into one large region that consistency verification
+    then keeps, swallowing small textured areas inside it.
+    Keeps running best/second maxima instead of an (H, W, N) stack of focus maps.
+    """
+    best = focus_measure(lums[0], window)
+    second = np.zeros_like(best)
+    index = np.zeros(best.shape, dtype=np.uint16)
+    for k in range(1, len(lums)):
+        fm = focus_measure(lums[k], window)
+        better = fm > best
+        index[better] = k
+        np.copyto(second, np.where(better, best, np.maximum(second, fm)))
+        np.maximum(best, fm, out=best)
+    ambiguous = best <= np.float32(ambiguity_ratio) * second
+    if ambiguous.any() and not ambiguous.all():
+        # Voronoi labelling: every ambiguous (non-zero) pixel gets the label of its nearest decided
+        # (zero) pixel; decided pixels carry their own label, through which we look up their index.
+        _, labels = cv2.distanceTransformWithLabels(
+            ambiguous.view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
+        )
+        decided = ~ambiguous
+        lut = np.zeros(int(labels.max()) + 1, dtype=np.uint16)
+        lut[labels[decided]] = index[decided]
+        index = lut[labels]
+    tiny = np.float32(1e-12)  # flat, noise-free areas have a focus measure of exactly 0
+    evidence = np.log((best + tiny) / (second + tiny))
+    return index, evidence
+
+
+def fuse_guided(
+    images: Sequence[np.ndarray],
+    *,
+    window: int = 7,
+    focus_measure: str = "laplacian_energy",
+    ambiguity_ratio: float = 1.5,
+    keep_ratio: float | None = 4.0,
+    area_ratio: float = 0.01,
+    radius: int = 8,
+    eps: float = 0.1,
+    refine: bool = True,
+) -> FusionResult:
+    """Fuse N >= 2 registered images with a focus-measure decision map and consistency verification.
+
+    images:        N arrays (H, W) or (H, W, C), one dtype (uint8, uint16 or float32 in [0, 1]).
+    window:        focus-measure window side (pixels). 7 is best on the Lytro pairs (mean Q_G
+                   0.762; 5 and 9-15 within 0.0006); larger windows smear the decision boundary.
+    focus_measure: a key of ``FOCUS_MEASURES`` ("laplacian_energy", "sum_modified_laplacian",
+                   "spatial_frequency"); all three score within 0.0004 Q_G of each other on Lytro.
+    ambiguity_ratio: pixels whose best focus measure is at most this multiple of the runner-up
+                   take the nearest decided pixel's index (``focus_index_map``).
+    keep_ratio:    small regions whose mean best/second-best focus ratio (geometric mean) is at
+                   least this are kept by the small-region removal; None = Liu et al.'s pure area
+                   rule. Rescues small in-focus objects (a highlight, a badge) that a flat area of
+                   the wrong source would otherwise swallow; no effect on Lytro Q_G.
+    area_ratio, radius, eps, refine: consistency verification knobs (``verify_index_map``),
+                   defaults as in Liu et al. 2017 (0.01, 8, 0.1, guided refinement on).
+
+    Returns FusionResult(fused same shape/dtype, weights (H, W, N) float32, method "guided").
+
+    Example:
+        >>> from ray_mff.synthetic import render_focus_stack
+        >>> import skimage.data
+        >>> stack, truth, depth = render_focus_stack(skimage.data.camera(), 3, seed=0)
+        >>> fuse_guided(stack).fused.shape
+        (512, 512)
+    """
+    check_stack(images)
+    if focus_measure not in FOCUS_MEASURES:
+        raise ValueError(f"unknown focus measure {focus_measure!r}; choose from {sorted(FOCUS_MEASURES)}")
+    t0 = time.perf_counter()
+    lums = [luminance(img) for img in images]
+    index, evidence = focus_index_map(lums, FOCUS_MEASURES[focus_measure], window, ambiguity_ratio)
+    t1 = time.perf_counter()
+    weights = verify_index_map(
+        index,
+        len(images),
+        lums,
+        area_ratio=area_ratio,
+        radius=radius,
+        eps=eps,
+        refine=refine,
+        evidence=evidence if keep_ratio else None,
+        keep_evidence=float(np.log(keep_ratio)) if keep_ratio else 0.0,
+    )
+    t2 = time.perf_counter()
+    fused = fuse_with_weights(images, weights)
+    t3 = time.perf_counter()
+    stats = {
+        "focus_measure": focus_measure,
+        "window": int(window),
+        "ambiguity_ratio": float(ambiguity_ratio),
+        "keep_ratio": keep_ratio,
+        "area_ratio": float(area_ratio),
+        "radius": int(radius),
+        "eps": float(eps),
+        "refine": bool(refine),
+        "time_focus_s": t1 - t0,
+        "time_consistency_s": t2 - t1,
+        "time_blend_s": t3 - t2,
+    }
+    return FusionResult(fused=fused, weights=weights, method="guided", stats=stats)
