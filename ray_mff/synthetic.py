@@ -1,0 +1,172 @@
+"""Synthetic focus stacks with a known all-in-focus truth, for tests and a ground-truth benchmark.
+
+Scene model (layered depth): an all-in-focus picture is cut into 2..L layers at distinct depths:
+a background plane and smooth star-shaped objects in front of it. Image i of the stack is focused
+at depth z_i; a layer at depth z is blurred by a disk (pillbox) PSF of radius
+``max_radius * |z - z_i|``, the thin-lens circle of confusion when z is measured in dioptres
+(inverse distance). Layers are composited back to front with their blurred alpha, so a blurred
+near object spreads over the sharp background at its boundary and a blurred background is hidden
+behind a sharp near object (the "layered" defocus model of Hasinoff & Kutulakos, "A layer-based
+restoration framework for variable-aperture photography", ICCV 2007; Asada et al., "Seeing behind
+the scene", 1998). Gaussian sensor noise is added last, then values are quantised to the dtype.
+
+This is deliberately unlike the training data in ``ray_mff.train`` (Gaussian blur of a masked
+region, no occlusion spill): a disk PSF has a sharp spectral zero crossing and a hard rim, and
+the occlusion band where neither source is sharp is realistic, so fusing these stacks tests
+generalisation, not memorisation of the training blur.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ray_mff.fusion.luminance import from_unit_float, to_unit_float
+
+
+def disk_psf(radius: float, supersample: int = 8) -> np.ndarray:
+    """Pillbox PSF of the given radius (pixels), anti-aliased at its rim, summing to 1.
+
+    Each kernel pixel holds the fraction of its area inside the disk (``supersample`` x
+    ``supersample`` sub-samples). Radii below 0.5 give a single-pixel (identity) kernel.
+    Returns (2R+1, 2R+1) float32 with R = ceil(radius - 0.5).
+    """
+    if radius < 0.5:
+        return np.ones((1, 1), dtype=np.float32)
+    half = int(np.ceil(radius - 0.5))
+    s = int(supersample)
+    offs = (np.arange(s) + 0.5) / s - 0.5
+    c = np.arange(-half, half + 1, dtype=np.float64)
+    sub = (c[:, None] + offs[None, :]).ravel()  # sub-sample coordinates along one axis
+    inside = (sub[:, None] ** 2 + sub[None, :] ** 2) <= radius * radius
+    k = inside.reshape(2 * half + 1, s, 2 * half + 1, s).mean(axis=(1, 3))
+    return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_psf(radius: float) -> np.ndarray:
+    """Gaussian PSF with sigma = radius / 2 (the common blur-circle-to-sigma rule), summing to 1."""
+    sigma = radius / 2.0
+    if sigma < 0.25:
+        return np.ones((1, 1), dtype=np.float32)
+    half = int(np.ceil(3 * sigma))
+    g = cv2.getGaussianKernel(2 * half + 1, sigma, cv2.CV_32F)
+    return (g @ g.T).astype(np.float32)
+
+
+_PSFS = {"disk": disk_psf, "gaussian": gaussian_psf}
+
+
+def _blur(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Convolve (H, W) or (H, W, C) float32 with a symmetric kernel, mirrored borders."""
+    if kernel.size == 1:
+        return x.copy()
+    if x.ndim == 2 or x.shape[2] <= 4:
+        out = cv2.filter2D(x, cv2.CV_32F, kernel, borderType=cv2.BORDER_REFLECT)
+        return out.reshape(x.shape)
+    return np.stack([_blur(np.ascontiguousarray(x[..., c]), kernel) for c in range(x.shape[2])], axis=2)
+
+
+def _blob_alpha(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(H, W) float32 alpha of one smooth star-shaped object, anti-aliased at its outline.
+
+    Outline r(theta) = r0 (1 + sum_k a_k cos(k theta + phi_k)), k = 2..5, a random low-order
+    Fourier series, so the object is one connected, smooth, non-convex region.
+    """
+    h, w = shape
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    r0 = rng.uniform(0.16, 0.30) * min(h, w)
+    ks = np.arange(2, 6)
+    amps = rng.normal(0.0, 0.18, ks.size) / np.sqrt(ks - 1)
+    phases = rng.uniform(0, 2 * np.pi, ks.size)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    theta = np.arctan2(dy, dx)
+    dist = np.sqrt(dy * dy + dx * dx)
+    r = r0 * (1.0 + np.sum(amps[:, None, None] * np.cos(ks[:, None, None] * theta + phases[:, None, None]), axis=0))
+    r = np.maximum(r, 0.2 * r0)
+    return np.clip(r - dist + 0.5, 0.0, 1.0).astype(np.float32)  # ~1-pixel anti-aliased rim
+
+
+def render_focus_stack(
+    image: np.ndarray,
+    n_images: int,
+    *,
+    rng: np.random.Generator | None = None,
+    seed: int | None = None,
+    psf: str = "disk",
+    max_radius: float = 8.0,
+    noise_sigma: float = 0.003,
+    layers: int | None = None,
+    dtype: np.dtype | None = None,
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Render an N-image focus stack of ``image`` with known ground truth.
+
+    image:       (H, W) or (H, W, C) all-in-focus picture (uint8, uint16 or float in [0, 1]).
+    n_images:    N >= 2 images, focused at depths z_i = i / (N - 1), i = 0..N-1 (dioptres, 0..1).
+    rng / seed:  randomness for the layer shapes, depths and noise (``rng`` wins if both given).
+    psf:         "disk" (pillbox, default) or "gaussian" (sigma = radius / 2).
+    max_radius:  blur radius in pixels for a depth difference of 1 (the whole stack's range):
+                 adjacent images of a 3-stack differ by max_radius / 2 = 4 px by default, about
+                 the defocus in the Lytro pairs.
+    noise_sigma: standard deviation of additive Gaussian sensor noise, in units of full scale
+                 (0.003 = 0.8 DN at 8 bits, about a clean sensor at base ISO).
+    layers:      number of depth layers L, 2 <= L <= N (default min(N, 5)): the background plus
+                 L - 1 objects, each at its own focus depth, so every layer is sharp in one image.
+    dtype:       output dtype (default: the input's); e.g. render a uint16 stack from a uint8 picture.
+
+    Returns (stack, truth, depth_index_map):
+      stack:           N arrays shaped like ``image``, of the output dtype;
+      truth:           the all-in-focus image in the output dtype (the input, converted);
+      depth_index_map: (H, W) uint16 index of the stack image in which each pixel's front-most
+                       layer is in focus (the ideal decision map).
+    """
+    n = int(n_images)
+    if n < 2:
+        raise ValueError(f"a focus stack needs n_images >= 2, got {n}")
+    if psf not in _PSFS:
+        raise ValueError(f"unknown psf {psf!r}; choose from {sorted(_PSFS)}")
+    n_layers = min(n, 5) if layers is None else int(layers)
+    if not 2 <= n_layers <= n:
+        raise ValueError(f"layers must lie in [2, n_images={n}], got {n_layers}")
+    if rng is None:
+        rng = np.random.default_rng(seed)
+    out_dtype = np.dtype(image.dtype if dtype is None else dtype)
+    if out_dtype.kind == "f":
+        out_dtype = np.dtype(np.float32)
+    src = to_unit_float(np.asarray(image))
+    h, w = src.shape[:2]
+
+    # Layer 0 is the background (farthest); layer l > 0 is an object in front of layers < l.
+    # Each layer sits at a distinct focus depth, farther layers at larger z.
+    focus_z = np.arange(n) / (n - 1)
+    layer_focus = np.sort(rng.choice(n, size=n_layers, replace=False))[::-1]
+    alphas = [np.ones((h, w), dtype=np.float32)]
+    for _ in range(1, n_layers):
+        a = _blob_alpha((h, w), rng)
+        if rng.random() < 0.35:  # some layers hold two objects at the same depth
+            a = np.maximum(a, _blob_alpha((h, w), rng))
+        alphas.append(a)
+
+    depth_index = np.full((h, w), layer_focus[0], dtype=np.uint16)
+    for a, f in zip(alphas[1:], layer_focus[1:]):
+        depth_index[a >= 0.5] = f
+
+    make_psf = _PSFS[psf]
+    stack = []
+    for i in range(n):
+        acc = None
+        for a, f in zip(alphas, layer_focus):
+            k = make_psf(max_radius * abs(focus_z[f] - focus_z[i]))
+            if acc is None:  # opaque background
+                acc = _blur(src, k)
+                continue
+            a_blur = _blur(a, k)
+            premult = src * (a if src.ndim == 2 else a[..., None])
+            c_blur = _blur(premult, k)  # blurred colour x alpha (premultiplied)
+            if src.ndim == 3:
+                a_blur = a_blur[..., None]
+            acc = acc * (1.0 - a_blur) + c_blur  # "over" with the blurred alpha
+        if noise_sigma > 0:
+            acc = acc + rng.normal(0.0, noise_sigma, acc.shape).astype(np.float32)
+        stack.append(from_unit_float(np.clip(acc, 0.0, 1.0), out_dtype))
+    truth = from_unit_float(src, out_dtype)
+    return stack, truth, depth_index
