@@ -1,0 +1,91 @@
+"""The engine protocol: what every back end (torch, ONNX Runtime, TensorRT) offers the fuser.
+
+A decision model splits into two sub-graphs (see :class:`ray_mff.models.cascade.CascadeNet`):
+
+- ``encode(y)``: luminance ``(B, 1, H, W)`` float32 in [0, 1] -> features ``(B, C, H, W)``,
+  run once per image of a stack (the Siamese branch);
+- ``decide(feats_a, feats_b, y_a, y_b)`` -> decision map ``D`` ``(B, 1, H, W)`` float32 in [0, 1],
+  the probability that source A is in focus, run once per compared pair.
+
+Engines load once (an actor's ``__init__``) and are then called per stack or per tile. Features
+are *engine-native*: numpy arrays for torch/ONNX Runtime, torch CUDA tensors for TensorRT, so
+features stay on the device between the two calls. Callers treat them as opaque arrays that
+support batch slicing (``feats[i:i + 1]``) and pass them back to the same engine's ``decide``.
+Decision maps always come back as numpy float32.
+
+``describe()`` is what the log and the manifest say about the engine that *actually* ran
+(ONNX Runtime's providers as the session reports them, TensorRT's GPU), not what was asked for.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+#: every precision an engine may run at
+PRECISIONS = ("fp32", "fp16")
+#: every value ``make_engine(engine=...)`` / ``--engine`` accepts
+ENGINE_CHOICES = ("auto", "torch", "onnx", "tensorrt")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model's two sub-graphs on one device.
+
+    Attributes:
+        name:      the back end that runs, e.g. ``"torch"``, ``"onnxruntime-cpu"``, ``"tensorrt"``.
+        precision: ``"fp32"`` or ``"fp16"`` (the arithmetic inside the graph; I/O stays float32).
+        device:    ``"cpu"`` or ``"cuda:0"``...
+    """
+
+    name: str
+    precision: str
+    device: str
+
+    def encode(self, y: np.ndarray) -> Any:
+        """(B, 1, H, W) float32 luminance -> engine-native features (B, C, H, W)."""
+        ...
+
+    def decide(self, feats_a: Any, feats_b: Any, y_a: np.ndarray, y_b: np.ndarray) -> np.ndarray:
+        """Features of A and B (B, C, H, W) and luminances (B, 1, H, W) -> D (B, 1, H, W) float32."""
+        ...
+
+    def describe(self) -> dict:
+        """Facts for logs and the manifest: at least ``engine``, ``precision``, ``device``."""
+        ...
+
+
+def describe_engine(engine: Any) -> dict:
+    """``engine.describe()`` when it has one, else the three protocol attributes."""
+    if hasattr(engine, "describe"):
+        return dict(engine.describe())
+    return {"engine": getattr(engine, "name", type(engine).__name__),
+            "precision": getattr(engine, "precision", "fp32"), "device": getattr(engine, "device", "cpu")}
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def pad_to_multiple(x: np.ndarray, stride: int) -> np.ndarray:
+    """Pad (B, C, H, W) at the bottom/right to multiples of ``stride`` by edge replication.
+
+    Networks with down-sampling need H, W divisible by their stride; replication (not zeros)
+    keeps the focus measure of the border unchanged. ``stride <= 1`` returns ``x`` itself.
+    """
+    if stride <= 1:
+        return x
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    if ph == 0 and pw == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="edge")
+
+
+def crop_to(x, h: int, w: int):
+    """Crop the last two axes of an array or tensor back to (h, w) (undoes :func:`pad_to_multiple`)."""
+    if x.shape[-2] == h and x.shape[-1] == w:
+        return x
+    return x[..., :h, :w]
