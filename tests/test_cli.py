@@ -151,3 +151,13 @@ def test_cli_help_and_unknown_method(tmp_path: Path, capsys):
     io.write_image(str(tmp_path / "in" / "x_B.png"), np.zeros((8, 8), np.uint8))
     code = cli.main(["fuse", str(tmp_path / "in"), str(tmp_path / "out"), "--method", "nope"])
     assert code == 2 and "unknown method" in capsys.readouterr().err
+
+
+def test_guided_on_lytro_through_the_cli(shared_data: Path, tmp_path: Path):
+    """Acceptance: `ray-mff fuse` on the 20 Lytro pairs with --method guided scores mean Q_G >= 0.750."""
+    out = tmp_path / "lytro"
+    code = cli.main(["fuse", str(shared_data / "lytro"), str(out), "--method", "guided", "--executor", "local"])
+    assert code == 0
+    df = _manifest(out)
+    assert len(df) == 20 and (df.status == "ok").all()
+    assert df.q_g.mean() >= 0.750
