@@ -1,0 +1,222 @@
+"""CascadeNet: end-to-end decision-map network for multi-focus image fusion.
+
+After B. Ma, Y. Zhu, X. Yin, X. Ban, H. Huang, M. Mukeshimana, "SESF-Fuse" and its successor
+B. Ma, X. Yin, D. Wu, H. Shen, X. Ban, Y. Wang, "End-to-end learning for simultaneously
+generating decision map and multi-focus image fusion result", Neurocomputing 470 (2022),
+arXiv 2010.08751 (GACN). A compact version sized to train on a CPU in minutes:
+
+1. **Siamese feature extractor** (:meth:`CascadeNet.encode`, shared weights, run once per image):
+   a stem convolution and a small dense block (Huang et al. 2017) whose output is recalibrated by
+   squeeze-and-excitation channel attention (Hu et al. 2018), on the luminance (B, 1, H, W).
+2. **Activity comparison**: per-channel spatial frequency of the features over a local window
+   (GACN Sec. 3.2, SF = mean of squared row/column differences), compared between the two sources
+   as a normalised difference and made near-binary by a steep sigmoid with a learnt slope.
+3. **Decision head** with a wide receptive field (full-resolution dilated convolutions plus a
+   quarter-resolution context branch) so that flat, texture-less regions take the decision of the
+   focused edges around them, then CBAM spatial attention (Woo et al. 2018) and a 1x1 logit.
+   The head is evaluated on (compare, 1 - compare) and the two logits subtracted, which makes the
+   decision exactly antisymmetric: D(A, B) = 1 - D(B, A) (pairwise decisions of a stack agree).
+4. **Boundary-aware guided filter** (GACN Sec. 3.3; He et al. 2013, Alg. 1 with box filters):
+   the near-binary map is guided-filtered with the initial fused luminance as guide, and the
+   filtered value replaces the raw one only in a band around focus boundaries, so interiors stay
+   hard (no contrast loss) and boundaries follow image edges (no seams or halos).
+5. fused = D * A + (1 - D) * B  (GACN Eq. 1), applied to every colour channel by the fuser.
+
+Every operation is convolutional with "same" padding, so any H and W works (``stride = 1``).
+
+Example:
+    >>> import torch
+    >>> net = CascadeNet().eval()
+    >>> ya, yb = torch.rand(1, 1, 37, 53), torch.rand(1, 1, 37, 53)
+    >>> d, f = net(ya, yb)
+    >>> d.shape, f.shape
+    (torch.Size([1, 1, 37, 53]), torch.Size([1, 1, 37, 53]))
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_mff.models import register_model
+
+
+def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over a (2r+1)^2 window, (B, C, H, W) -> same shape; borders average the valid pixels only."""
+    if radius <= 0:
+        return x
+    k = 2 * radius + 1
+    return F.avg_pool2d(x, k, stride=1, padding=radius, count_include_pad=False)
+
+
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """Differentiable grey guided filter (He et al. 2013, Alg. 1), (B, 1, H, W) guide and source."""
+    mean_i = box_filter(guide, radius)
+    mean_p = box_filter(src, radius)
+    var_i = (box_filter(guide * guide, radius) - mean_i * mean_i).clamp_min(0.0)
+    cov_ip = box_filter(guide * src, radius) - mean_i * mean_p
+    a = cov_ip / (var_i + eps)  # Alg. 1 step 3
+    b = mean_p - a * mean_i
+    return box_filter(a, radius) * guide + box_filter(b, radius)  # steps 4-5
+
+
+def spatial_frequency(feats: torch.Tensor, radius: int) -> torch.Tensor:
+    """Per-channel local spatial frequency (B, C, H, W) -> (B, C, H, W) (GACN Sec. 3.2; Eskicioglu 1995).
+
+    RF^2 + CF^2 with replicate-padded first differences, averaged over a (2r+1)^2 window.
+    """
+    dx = feats - F.pad(feats, (1, 0, 0, 0), mode="replicate")[..., :, :-1]
+    dy = feats - F.pad(feats, (0, 0, 1, 0), mode="replicate")[..., :-1, :]
+    return box_filter(dx * dx + dy * dy, radius)
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel attention (Hu et al. 2018): x * sigmoid(W2 relu(W1 avgpool(x)))."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        hidden = max(4, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))))
+        return x * w
+
+
+class DenseBlock(nn.Module):
+    """Dense block (Huang et al. 2017): each 3x3 conv sees the concatenation of all earlier outputs."""
+
+    def __init__(self, channels: int, growth: int, layers: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(channels + i * growth, growth, 3, padding=1) for i in range(layers))
+        self.out_channels = channels + layers * growth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [x]
+        for conv in self.convs:
+            feats.append(F.leaky_relu(conv(torch.cat(feats, dim=1)), 0.1))
+        return torch.cat(feats, dim=1)
+
+
+class SpatialAttention(nn.Module):
+    """CBAM spatial attention (Woo et al. 2018): x * sigmoid(conv7x7([mean_c(x), max_c(x)]))."""
+
+    def __init__(self, kernel: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(s))
+
+
+def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
+
+
+class DecisionHead(nn.Module):
+    """(B, C, H, W) activity comparison -> (B, 1, H, W) decision logit with a wide receptive field.
+
+    A thin full-resolution path keeps boundaries precise; a wider quarter-resolution context path
+    of dilated residual convolutions sees about 4 x 2 x sum(dilations) pixels, enough for the
+    interior of a flat region to inherit the decision of the focused edges around it.
+    """
+
+    def __init__(self, channels: int, width: int, context_width: int, context_dilations: tuple[int, ...]):
+        super().__init__()
+        self.inp = _conv(channels, width)
+        self.local = _conv(width, width)
+        self.down = nn.Conv2d(width, context_width, 1)
+        self.context = nn.ModuleList(_conv(context_width, context_width, d) for d in context_dilations)
+        self.merge = nn.Conv2d(width + context_width, width, 1)
+        self.attention = SpatialAttention()
+        self.out = nn.Conv2d(width, 1, 1)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        x = F.leaky_relu(self.inp(c), 0.1)
+        x = x + F.leaky_relu(self.local(x), 0.1)
+        g = self.down(F.avg_pool2d(x, 4, stride=4, ceil_mode=True))
+        for conv in self.context:
+            g = g + F.leaky_relu(conv(g), 0.1)
+        g = F.interpolate(g, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        x = F.leaky_relu(self.merge(torch.cat([x, g], dim=1)), 0.1)
+        return self.out(self.attention(x))
+
+
+@register_model("cascade")
+class CascadeNet(nn.Module):
+    """Siamese dense/SE encoder -> spatial-frequency comparison -> decision head -> boundary-aware GF.
+
+    Inputs are luminances (B, 1, H, W) in [0, 1]; any H, W. See the module docstring.
+
+    Args:
+        stem: stem channels; growth, layers: dense block growth rate and depth;
+        features: channels of the encoded features (``encode`` output);
+        width: decision head width at full resolution; context_width, context_dilations: width and
+        dilations of its quarter-resolution context branch;
+        sf_radius: spatial-frequency window radius; gf_radius, gf_eps: guided filter window and
+        regulariser; band_radius: half-width of the boundary band where the guided filter applies.
+    """
+
+    registry_name = "cascade"
+    #: inputs need no padding: every layer keeps H, W (pooling uses ceil mode, upsampling to size)
+    stride = 1
+
+    def __init__(self, stem: int = 12, growth: int = 8, layers: int = 3, features: int = 24, width: int = 16,
+                 context_width: int = 32, context_dilations: tuple[int, ...] = (1, 2, 4, 8), sf_radius: int = 3,
+                 gf_radius: int = 4, gf_eps: float = 1e-3, band_radius: int = 4):
+        super().__init__()
+        self._config = dict(stem=stem, growth=growth, layers=layers, features=features, width=width,
+                            context_width=context_width, context_dilations=list(context_dilations), sf_radius=sf_radius,
+                            gf_radius=gf_radius, gf_eps=gf_eps, band_radius=band_radius)
+        self.stem = nn.Conv2d(1, stem, 3, padding=1)
+        self.dense = DenseBlock(stem, growth, layers)
+        self.se = SqueezeExcitation(self.dense.out_channels)
+        self.project = nn.Conv2d(self.dense.out_channels, features, 1)
+        # slope of the steep sigmoid that turns the SF comparison near-binary (learnt, init 10)
+        self.log_slope = nn.Parameter(torch.tensor(2.302585))
+        self.head = DecisionHead(features, width, context_width, tuple(context_dilations))
+        self.sf_radius, self.gf_radius, self.gf_eps, self.band_radius = sf_radius, gf_radius, gf_eps, band_radius
+
+    def config(self) -> dict:
+        """Constructor arguments (stored in the safetensors metadata by ``save_weights``)."""
+        return dict(self._config)
+
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        """Luminance (B, 1, H, W) in [0, 1] -> features (B, C, H, W). Run once per image of a stack."""
+        x = F.leaky_relu(self.stem(y), 0.1)
+        x = self.se(self.dense(x))
+        return self.project(x)
+
+    def decision_logits(self, feats_a: torch.Tensor, feats_b: torch.Tensor) -> torch.Tensor:
+        """Raw (pre-sigmoid, pre-filter) decision logit (B, 1, H, W); positive where A is sharper."""
+        sa = spatial_frequency(feats_a, self.sf_radius)
+        sb = spatial_frequency(feats_b, self.sf_radius)
+        # normalised difference in [-1, 1]: scale-free; 0 (undecided) where both are flat
+        diff = (sa - sb) / (sa + sb + 1e-4)
+        c = torch.sigmoid(self.log_slope.exp() * diff)
+        # one batched pass over (c, 1 - c): logit(A, B) = h(c) - h(1 - c) = -logit(B, A)
+        h = self.head(torch.cat([c, 1.0 - c], dim=0))
+        ha, hb = h.chunk(2, dim=0)
+        return ha - hb
+
+    def refine(self, d0: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
+        """Boundary-aware guided filter (GACN Sec. 3.3): soften D only in a band around its boundaries."""
+        guide = d0 * y_a + (1.0 - d0) * y_b  # initial fused luminance
+        filtered = guided_filter(guide, d0, self.gf_radius, self.gf_eps).clamp(0.0, 1.0)
+        m = box_filter(d0, self.band_radius)
+        band = (4.0 * m * (1.0 - m)).clamp(0.0, 1.0)  # 1 where the window straddles a boundary, 0 inside
+        return band * filtered + (1.0 - band) * d0
+
+    def decide(self, feats_a: torch.Tensor, feats_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
+        """Decision map D (B, 1, H, W) in [0, 1]: probability that source A is in focus."""
+        d0 = torch.sigmoid(self.decision_logits(feats_a, feats_b))
+        return self.refine(d0, y_a, y_b)
+
+    def forward(self, y_a: torch.Tensor, y_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, H, W) luminances -> (D, fused luminance), both (B, 1, H, W)."""
+        feats = self.encode(torch.cat([y_a, y_b], dim=0))  # Siamese: one pass, shared weights
+        fa, fb = feats.chunk(2, dim=0)
+        d = self.decide(fa, fb, y_a, y_b)
+        return d, d * y_a + (1.0 - d) * y_b
