@@ -1,0 +1,147 @@
+"""Decision calibration: N-1 pairwise decision maps of a reference image -> one choice over N sources.
+
+A pair network answers "is A sharper than B here?" with D = P(A in focus). For a stack of N
+images we encode every image once and run the decision path of one *reference* image r against
+each other image k, giving D_k = P(r sharper than k). To turn these N-1 answers into one per-pixel
+choice over all N images we read the decision logit as a difference of per-image focus scores,
+as in a Bradley-Terry model (the network is exactly antisymmetric, D(A, B) = 1 - D(B, A), so the
+reading is consistent):
+
+    logit(D_k) = f_r - f_k   =>   s_k = f_k - f_r = logit(1 - D_k),   s_r = 0.
+
+So s_k is image k's focus score relative to the reference, and argmax_k s_k is the sharpest image
+whatever the reference. A near-binary network saturates: every image much sharper than r gets the
+same clipped score (|s| <= ``clip``, i.e. D clipped to [1e-4, 1 - 1e-4]). The tie is broken by a
+local focus measure m_k of each image's luminance (log energy of the Laplacian), added with a small
+weight ``beta``:
+
+    score_k = clip(s_k, -L, L) + beta * log(1 + m_k / m0)
+
+and the choice is ``argmax_k score_k`` (``mode="argmax"``: one-hot weights, no blur from mixing
+differently focused images) or ``softmax(score / temperature)`` (``mode="softmax"``: soft weights).
+Both are computed in one streaming pass (:class:`DecisionCalibrator`), so a 65-image stack never
+holds more than one decision map and the running best in memory.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ray_mff.fusion.focus_measure import laplacian_energy
+
+#: D is clipped to [EPS, 1 - EPS] before the logit: L = logit(1 - EPS) ~ 9.2
+EPS = 1e-4
+#: scale of the focus measure inside the log (the energy of the Laplacian of a [0, 1] image)
+M0 = 1e-4
+
+
+def relative_scores(d: np.ndarray, eps: float = EPS) -> np.ndarray:
+    """D_k = P(reference sharper than k) (H, W) -> s_k = logit(1 - D_k), clipped to +-logit(1 - eps)."""
+    p = np.clip(1.0 - np.asarray(d, dtype=np.float32), eps, 1.0 - eps)
+    return np.log(p / (1.0 - p)).astype(np.float32)
+
+
+def tie_break_measure(lum: np.ndarray, window: int = 7) -> np.ndarray:
+    """log(1 + EOL / m0) of a (H, W) float32 luminance: the tie-breaking focus measure."""
+    return np.log1p(laplacian_energy(lum, window) / M0).astype(np.float32)
+
+
+class DecisionCalibrator:
+    """Streaming form of :func:`calibrate_decisions` (one decision map at a time).
+
+    >>> cal = DecisionCalibrator(n=3, reference=1, shape=(4, 4))
+    >>> cal.add_reference()
+    >>> cal.add(0, np.full((4, 4), 0.9, np.float32))   # reference beats image 0
+    >>> cal.add(2, np.full((4, 4), 0.1, np.float32))   # image 2 beats the reference
+    >>> int(cal.index_map()[0, 0])
+    2
+    """
+
+    def __init__(self, n: int, reference: int, shape: tuple[int, int], *, mode: str = "argmax",
+                 temperature: float = 1.0, beta: float = 0.25, eps: float = EPS):
+        if mode not in ("argmax", "softmax"):
+            raise ValueError(f"mode must be 'argmax' or 'softmax', got {mode!r}")
+        if not 0 <= reference < n:
+            raise ValueError(f"reference {reference} outside [0, {n})")
+        self.n, self.reference, self.shape = n, reference, tuple(shape)
+        self.mode, self.temperature, self.beta, self.eps = mode, float(temperature), float(beta), eps
+        self.best = np.full(self.shape, -np.inf, np.float32)
+        self.index = np.zeros(self.shape, np.uint16)
+        self.scores = np.zeros(self.shape + (n,), np.float32) if mode == "softmax" else None
+        self._seen: set[int] = set()
+
+    def _add_score(self, k: int, score: np.ndarray) -> None:
+        if k in self._seen:
+            raise ValueError(f"image {k} added twice")
+        self._seen.add(k)
+        better = score > self.best
+        self.index[better] = k
+        np.maximum(self.best, score, out=self.best)
+        if self.scores is not None:
+            self.scores[..., k] = score
+
+    def add_reference(self, measure: np.ndarray | None = None) -> None:
+        """The reference itself: relative score 0 (+ beta * its tie-break measure)."""
+        score = np.zeros(self.shape, np.float32)
+        if measure is not None:
+            score += self.beta * measure
+        self._add_score(self.reference, score)
+
+    def add(self, k: int, decision: np.ndarray, measure: np.ndarray | None = None) -> None:
+        """decision: (H, W) D = P(reference sharper than image k); measure: (H, W) tie-break of image k."""
+        if k == self.reference:
+            raise ValueError("use add_reference() for the reference image")
+        score = relative_scores(decision, self.eps)
+        if measure is not None:
+            score += self.beta * measure
+        self._add_score(k, score)
+
+    def index_map(self) -> np.ndarray:
+        """(H, W) uint16 index of the chosen source."""
+        self._check()
+        return self.index
+
+    def weights(self) -> np.ndarray:
+        """(H, W, N) float32 weights summing to 1: one-hot (argmax) or softmax of the scores."""
+        self._check()
+        if self.mode == "argmax":
+            out = np.zeros(self.shape + (self.n,), np.float32)
+            np.put_along_axis(out, self.index[..., None].astype(np.intp), 1.0, axis=2)
+            return out
+        z = (self.scores - self.best[..., None]) / self.temperature
+        np.exp(z, out=z)
+        z /= z.sum(axis=2, keepdims=True)
+        return z
+
+    def _check(self) -> None:
+        if len(self._seen) != self.n:
+            missing = sorted(set(range(self.n)) - self._seen)
+            raise ValueError(f"calibration still misses images {missing}")
+
+
+def calibrate_decisions(pair_maps: Sequence[np.ndarray] | np.ndarray, reference: int, n: int, *,
+                        measures: Sequence[np.ndarray] | np.ndarray | None = None, mode: str = "argmax",
+                        temperature: float = 1.0, beta: float = 0.25) -> np.ndarray:
+    """N-1 decision maps of ``reference`` vs each other image -> (H, W, N) float32 weights.
+
+    pair_maps: N-1 maps (H, W) (or an (H, W, N-1) array), in the order of the other images
+               (0, 1, ..., reference-1, reference+1, ..., N-1); map k holds D = P(reference sharper
+               than that image), the ``decide(reference, other)`` output.
+    measures:  optional N tie-break focus measures (H, W) (:func:`tie_break_measure`), one per image.
+    mode:      ``"argmax"`` (one-hot weights) or ``"softmax"`` (soft weights, ``temperature``).
+    See the module docstring for the rule.
+    """
+    maps = [pair_maps[..., i] for i in range(pair_maps.shape[-1])] if isinstance(pair_maps, np.ndarray) \
+        and pair_maps.ndim == 3 else list(pair_maps)
+    if len(maps) != n - 1:
+        raise ValueError(f"{len(maps)} decision maps for a stack of {n} images (need {n - 1})")
+    if measures is not None:
+        measures = [measures[..., i] for i in range(n)] if isinstance(measures, np.ndarray) and measures.ndim == 3 \
+            else list(measures)
+    others = [k for k in range(n) if k != reference]
+    cal = DecisionCalibrator(n, reference, maps[0].shape, mode=mode, temperature=temperature, beta=beta)
+    cal.add_reference(None if measures is None else measures[reference])
+    for k, d in zip(others, maps):
+        cal.add(k, d, None if measures is None else measures[k])
+    return cal.weights()

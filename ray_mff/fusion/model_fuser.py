@@ -1,0 +1,159 @@
+"""Learned-model fuser: a decision network behind an engine -> :class:`FusionResult` for N >= 2 images.
+
+Pipeline per stack (luminance in, decision on every channel out):
+
+- **N = 2**: encode both luminances, one ``decide`` -> D; weights (D, 1 - D).
+- **N > 2, calibrated** (default; issue 3 item 5): encode each image once; run the decision path
+  of a reference image (the middle of the stack by default) against each other image; calibrate
+  the N-1 maps into one per-pixel choice over all N (:mod:`ray_mff.fusion.calibration`) in a
+  streaming pass, so features of at most two images are held at a time; fuse in one pass.
+- **N > 2, serial** (``calibration=False``, the reference mode): F = fuse(I_0, I_1), then
+  F = fuse(F, I_2), ... re-encoding the intermediate fused luminance each time. Weights are
+  tracked through the chain (W_prev *= D; W_k = 1 - D), so the result is one weighted sum too.
+
+Inputs are padded (edge replication) to the engine's ``stride`` and cropped back. The fused image
+keeps the sources' dtype and channels (:func:`ray_mff.fusion.decision.fuse_with_weights`).
+
+``consistency=True`` adds Liu et al. (2017)'s small-region removal + guided filter
+(:mod:`ray_mff.fusion.consistency`) on the final index map. It is off by default: the shipped
+network's maps are meant to be clean as they come (no post-processing at inference).
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple
+from ray_mff.fusion.calibration import DecisionCalibrator, tie_break_measure
+from ray_mff.fusion.decision import fuse_with_weights, one_hot
+from ray_mff.fusion.luminance import luminance
+from ray_mff.fusion.result import FusionResult
+
+
+def _check_stack(images: Sequence[np.ndarray]) -> None:
+    if len(images) < 2:
+        raise ValueError(f"fusion needs N >= 2 images, got {len(images)}")
+    first = images[0]
+    for n, img in enumerate(images):
+        if img.shape != first.shape or img.dtype != first.dtype:
+            raise ValueError(f"image {n} is {img.shape} {img.dtype}, image 0 is {first.shape} {first.dtype}")
+        if img.ndim not in (2, 3):
+            raise ValueError(f"image {n} must be (H, W) or (H, W, C), got {img.shape}")
+
+
+class ModelFuser:
+    """Fuser protocol (``name``, ``fuse``) for a decision model run by an engine.
+
+    engine:      an engine (``encode``/``decide``, see :mod:`ray_mff.engines.base`).
+    calibration: N > 2: True = decision calibration against one reference, False = serial pairs.
+    reference:   index of the calibration reference; None = the middle image (N // 2).
+    mode:        calibration rule, ``"argmax"`` (one-hot) or ``"softmax"`` (soft weights).
+    consistency: apply small-region removal + guided filter to the index map (off by default).
+    area_ratio:  small-region threshold for ``consistency`` (fraction of H x W).
+
+    Example::
+
+        >>> from ray_mff.engines.torch_engine import TorchEngine          # doctest: +SKIP
+        >>> from ray_mff.models import get_model                          # doctest: +SKIP
+        >>> fuser = ModelFuser(TorchEngine(get_model("cascade")))        # doctest: +SKIP
+        >>> result = fuser.fuse([img_a, img_b, img_c])                    # doctest: +SKIP
+        >>> result.fused.shape, result.weights.shape                      # doctest: +SKIP
+        ((520, 520, 3), (520, 520, 3))
+    """
+
+    def __init__(self, engine, *, calibration: bool = True, reference: int | None = None, mode: str = "argmax",
+                 consistency: bool = False, area_ratio: float = 0.01, name: str | None = None):
+        self.engine = engine
+        self.calibration = bool(calibration)
+        self.reference = reference
+        self.mode = mode
+        self.consistency = bool(consistency)
+        self.area_ratio = float(area_ratio)
+        self.name = name or getattr(engine, "model_name", None) or "cascade"
+        self.stride = int(getattr(engine, "stride", 1))
+
+    # -- engine calls on padded (1, 1, H, W) luminances ------------------------------------------------
+
+    def _prep(self, lum: np.ndarray) -> np.ndarray:
+        return pad_to_multiple(np.ascontiguousarray(lum, dtype=np.float32)[None, None], self.stride)
+
+    def _decide(self, fa, fb, ya: np.ndarray, yb: np.ndarray, h: int, w: int) -> np.ndarray:
+        d = self.engine.decide(fa, fb, ya, yb)
+        return np.clip(crop_to(np.asarray(d, dtype=np.float32), h, w)[0, 0], 0.0, 1.0)
+
+    # -- the three modes -------------------------------------------------------------------------------
+
+    def _pair(self, lums: list[np.ndarray], h: int, w: int) -> np.ndarray:
+        y = np.concatenate([self._prep(lums[0]), self._prep(lums[1])], axis=0)
+        f = self.engine.encode(y)
+        d = self._decide(f[0:1], f[1:2], y[0:1], y[1:2], h, w)
+        return np.stack([d, 1.0 - d], axis=-1)
+
+    def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int) -> np.ndarray:
+        n = len(lums)
+        cal = DecisionCalibrator(n, ref, (h, w), mode=self.mode)
+        y_ref = self._prep(lums[ref])
+        f_ref = self.engine.encode(y_ref)
+        cal.add_reference(tie_break_measure(lums[ref]))
+        for k in range(n):
+            if k == ref:
+                continue
+            y_k = self._prep(lums[k])
+            f_k = self.engine.encode(y_k)  # each image encoded exactly once
+            cal.add(k, self._decide(f_ref, f_k, y_ref, y_k, h, w), tie_break_measure(lums[k]))
+        return cal.weights()
+
+    def _serial(self, images: Sequence[np.ndarray], lums: list[np.ndarray], h: int, w: int) -> np.ndarray:
+        n = len(images)
+        weights = np.zeros((h, w, n), np.float32)
+        weights[..., 0] = 1.0
+        fused_lum = lums[0]
+        for k in range(1, n):
+            ya, yb = self._prep(fused_lum), self._prep(lums[k])
+            f = self.engine.encode(np.concatenate([ya, yb], axis=0))  # the intermediate is re-encoded
+            d = self._decide(f[0:1], f[1:2], ya, yb, h, w)
+            weights[..., :k] *= d[..., None]
+            weights[..., k] = 1.0 - d
+            # luminance is linear in the sources, so the intermediate's luminance is the same blend
+            fused_lum = d * fused_lum + (1.0 - d) * lums[k]
+        return weights
+
+    def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
+        """N >= 2 registered images (H, W) or (H, W, C), one dtype -> FusionResult (weights (H, W, N))."""
+        _check_stack(images)
+        t0 = time.perf_counter()
+        n = len(images)
+        h, w = images[0].shape[:2]
+        lums = [luminance(img) for img in images]
+        ref = None
+        if n == 2:
+            weights, mode = self._pair(lums, h, w), "pair"
+        elif self.calibration:
+            ref = n // 2 if self.reference is None else int(self.reference)
+            weights, mode = self._calibrated(lums, h, w, ref), "calibrated"
+        else:
+            weights, mode = self._serial(images, lums, h, w), "serial"
+        if self.consistency:
+            from ray_mff.fusion.consistency import verify_index_map
+
+            weights = verify_index_map(np.argmax(weights, axis=-1), n, lums, area_ratio=self.area_ratio)
+        fused = fuse_with_weights(images, weights)
+        desc = describe_engine(self.engine)
+        stats = {
+            "engine": desc.get("engine", getattr(self.engine, "name", "?")),
+            "precision": desc.get("precision", getattr(self.engine, "precision", "fp32")),
+            "device": desc.get("device", getattr(self.engine, "device", "cpu")),
+            "calibration": mode,
+            "reference": ref,
+            "consistency": self.consistency,
+            "n": n,
+            "seconds": time.perf_counter() - t0,
+        }
+        return FusionResult(fused=fused, weights=weights, method=self.name, stats=stats)
+
+
+def hard_weights(weights: np.ndarray) -> np.ndarray:
+    """(H, W, N) soft weights -> one-hot of their argmax (for index-map style outputs)."""
+    return one_hot(np.argmax(weights, axis=-1), weights.shape[-1])
