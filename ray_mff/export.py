@@ -108,8 +108,10 @@ def _export_fp32(model, out_dir: Path, opset: int) -> tuple[Path, Path]:
     import torch
 
     enc, dec = _graph_modules(model)
-    # 2 x 1 x 67 x 45: batch 2 and odd sizes so no dimension is specialised to a constant.
-    y = torch.rand(2, 1, 67, 45)
+    # batch 2 and unequal sizes (odd when stride is 1) so no dimension is specialised to a
+    # constant; multiples of the stride, the only sizes the engines feed.
+    s = max(1, int(getattr(model, "stride", 1)))
+    y = torch.rand(2, 1, -(-67 // s) * s, -(-45 // s) * s)
     with torch.no_grad():
         feats = model.encode(y)
     axes = {0: "batch", 2: "height", 3: "width"}
@@ -245,6 +247,7 @@ def verify_export(model, paths: dict, *, precision: str = "fp32", pairs=None, th
     """
     import torch
 
+    from ray_mff.engines.base import pad_to_multiple
     from ray_mff.engines.onnx_engine import OnnxEngine
 
     engine = OnnxEngine(paths["encoder"], paths["decider"], precision=precision,
@@ -258,9 +261,11 @@ def verify_export(model, paths: dict, *, precision: str = "fp32", pairs=None, th
     out = {}
     for kind, (ya, yb) in pairs.items():
         y = np.stack([ya, yb])[:, None].astype(np.float32)
+        h, w = y.shape[-2:]
+        yp = torch.from_numpy(pad_to_multiple(y, engine.stride))  # torch sees what the engine feeds
         with torch.no_grad():
-            ft = model.encode(torch.from_numpy(y))
-            dt = model.decide(ft[:1], ft[1:], torch.from_numpy(y[:1]), torch.from_numpy(y[1:])).numpy()
+            ft = model.encode(yp)
+            dt = model.decide(ft[:1], ft[1:], yp[:1], yp[1:])[..., :h, :w].numpy()
         fo = engine.encode(y)
         do = engine.decide(fo[:1], fo[1:], y[:1], y[1:])
         out[kind] = {"features_max_abs": float(np.abs(fo - ft.numpy()).max()),
