@@ -209,6 +209,9 @@ def make_engine(model_name: str, *, engine: str = "auto", precision: str = "fp32
             choice = EngineChoice("torch", None, choice.fallbacks + [f"ONNX export/session failed: {err}"])
     if built is None:
         built = _torch_engine(model, precision)
+    # how to read decide's output (ray_mff.engines.base): decision map, focus map or fused luminance
+    built.output = getattr(model, "output", "decision")
+    built.postprocess = getattr(model, "postprocess", None)
     desc = describe_engine(built)
     extra = f" ({'; '.join(choice.fallbacks)})" if choice.fallbacks else ""
     providers = f" providers={','.join(desc['providers'])}" if desc.get("providers") else ""

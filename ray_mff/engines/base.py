@@ -13,6 +13,15 @@ features stay on the device between the two calls. Callers treat them as opaque 
 support batch slicing (``feats[i:i + 1]``) and pass them back to the same engine's ``decide``.
 Decision maps always come back as numpy float32.
 
+Two optional attributes say how to read ``decide``'s output (defaults for decision models):
+``output`` is ``"decision"`` (a decision map D, the default), ``"focus"`` (a focus map the model's
+``postprocess`` turns into decisions, e.g. ``cnn``'s consistency verification) or ``"fused"`` (the
+fused luminance itself: direct-fusion networks such as ``ssim`` and ``mscnn``, whose ``decide``
+graph is their fusion + reconstruction); ``postprocess`` is None or a dict such as
+``{"kind": "consistency", "area_ratio": 0.01, "radius": 8, "eps": 0.1}``. Engines take both from
+the model (:func:`ray_mff.engines.make_engine`); :class:`ray_mff.fusion.model_fuser.ModelFuser`
+acts on them.
+
 ``describe()`` is what the log and the manifest say about the engine that *actually* ran
 (ONNX Runtime's providers as the session reports them, TensorRT's GPU), not what was asked for.
 """

@@ -34,6 +34,9 @@ class TorchEngine:
         self.model = model.eval().to(self.device)
         self.stride = int(getattr(model, "stride", 1))
         self.model_name = getattr(model, "registry_name", type(model).__name__)
+        # what decide returns and the model's own post-processing (see ray_mff.engines.base)
+        self.output = getattr(model, "output", "decision")
+        self.postprocess = getattr(model, "postprocess", None)
 
     def _t(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)

@@ -17,6 +17,17 @@ keeps the sources' dtype and channels (:func:`ray_mff.fusion.decision.fuse_with_
 ``consistency=True`` adds Liu et al. (2017)'s small-region removal + guided filter
 (:mod:`ray_mff.fusion.consistency`) on the final index map. It is off by default: the shipped
 network's maps are meant to be clean as they come (no post-processing at inference).
+
+What ``decide`` returns is the engine's ``output`` (the model's, default ``"decision"``):
+
+- ``"decision"``: a decision map, as above;
+- ``"focus"``: a focus map that the model's ``postprocess`` (e.g. ``cnn``: Liu et al.'s consistency
+  verification, r = 8, eps = 0.1) turns into the decision: the three modes above, then
+  consistency verification of the final index map with the model's parameters;
+- ``"fused"``: the fused luminance itself (direct-fusion networks, ``ssim`` and ``mscnn``). Pairs
+  are fused once; stacks serially (F = fuse(F, I_k); calibration needs decision maps, so it does
+  not apply), each step's colour made by :mod:`ray_mff.fusion.luminance_transfer` (weights solved
+  from the fused luminance, plus the luminance residual); ``weights`` are the solved weights.
 """
 from __future__ import annotations
 
@@ -28,7 +39,7 @@ import numpy as np
 from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple
 from ray_mff.fusion.calibration import DecisionCalibrator, tie_break_measure
 from ray_mff.fusion.decision import fuse_with_weights, one_hot
-from ray_mff.fusion.luminance import luminance
+from ray_mff.fusion.luminance import from_unit_float, luminance, to_unit_float
 from ray_mff.fusion.result import FusionResult
 
 
@@ -73,6 +84,13 @@ class ModelFuser:
         self.area_ratio = float(area_ratio)
         self.name = name or getattr(engine, "model_name", None) or "cascade"
         self.stride = int(getattr(engine, "stride", 1))
+        self.output = getattr(engine, "output", "decision")
+        self.gf_radius, self.gf_eps = 8, 0.1
+        post = getattr(engine, "postprocess", None) or {}
+        if post.get("kind") == "consistency":  # e.g. cnn: Liu et al.'s verification is part of the method
+            self.consistency = True
+            self.area_ratio = float(post.get("area_ratio", area_ratio))
+            self.gf_radius, self.gf_eps = int(post.get("radius", 8)), float(post.get("eps", 0.1))
 
     # -- engine calls on padded (1, 1, H, W) luminances ------------------------------------------------
 
@@ -120,6 +138,25 @@ class ModelFuser:
             fused_lum = d * fused_lum + (1.0 - d) * lums[k]
         return weights
 
+    def _direct(self, images: Sequence[np.ndarray], lums: list[np.ndarray], h: int, w: int):
+        """Direct-fusion model: serial pairs (one pair for N = 2) -> (fused image, solved weights (H, W, N))."""
+        from ray_mff.fusion.luminance_transfer import solve_weights, transfer_luminance
+
+        n = len(images)
+        weights = np.zeros((h, w, n), np.float32)
+        weights[..., 0] = 1.0
+        fused, fused_lum = to_unit_float(images[0]), lums[0]
+        for k in range(1, n):
+            ya, yb = self._prep(fused_lum), self._prep(lums[k])
+            f = self.engine.encode(np.concatenate([ya, yb], axis=0))
+            y_f = self._decide(f[0:1], f[1:2], ya, yb, h, w)  # the fused luminance
+            wa = solve_weights(y_f, fused_lum, lums[k])
+            fused = transfer_luminance(fused, to_unit_float(images[k]), wa, y_f, fused_lum, lums[k])
+            weights[..., :k] *= wa[..., None]
+            weights[..., k] = 1.0 - wa
+            fused_lum = y_f
+        return from_unit_float(fused, images[0].dtype), weights
+
     def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
         """N >= 2 registered images (H, W) or (H, W, C), one dtype -> FusionResult (weights (H, W, N))."""
         _check_stack(images)
@@ -128,18 +165,23 @@ class ModelFuser:
         h, w = images[0].shape[:2]
         lums = [luminance(img) for img in images]
         ref = None
-        if n == 2:
+        fused = None
+        if self.output == "fused":
+            (fused, weights), mode = self._direct(images, lums, h, w), "pair" if n == 2 else "serial"
+        elif n == 2:
             weights, mode = self._pair(lums, h, w), "pair"
         elif self.calibration:
             ref = n // 2 if self.reference is None else int(self.reference)
             weights, mode = self._calibrated(lums, h, w, ref), "calibrated"
         else:
             weights, mode = self._serial(images, lums, h, w), "serial"
-        if self.consistency:
+        if self.consistency and fused is None:
             from ray_mff.fusion.consistency import verify_index_map
 
-            weights = verify_index_map(np.argmax(weights, axis=-1), n, lums, area_ratio=self.area_ratio)
-        fused = fuse_with_weights(images, weights)
+            weights = verify_index_map(np.argmax(weights, axis=-1), n, lums, area_ratio=self.area_ratio,
+                                       radius=self.gf_radius, eps=self.gf_eps)
+        if fused is None:
+            fused = fuse_with_weights(images, weights)
         desc = describe_engine(self.engine)
         stats = {
             "engine": desc.get("engine", getattr(self.engine, "name", "?")),
@@ -147,7 +189,8 @@ class ModelFuser:
             "device": desc.get("device", getattr(self.engine, "device", "cpu")),
             "calibration": mode,
             "reference": ref,
-            "consistency": self.consistency,
+            "consistency": self.consistency and self.output != "fused",
+            "output": self.output,
             "n": n,
             "seconds": time.perf_counter() - t0,
         }

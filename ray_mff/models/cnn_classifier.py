@@ -106,7 +106,9 @@ class FocusCNN(nn.Module):
         """Focus map (B, 1, H, W) in [0, 1]: the mean probability that A is the focused source
         over the 16 x 16 patches covering each pixel (before consistency verification)."""
         p = torch.sigmoid(self.score_logits(feats_a, feats_b))
-        return self.patch_average(p, y_a.shape[-2], y_a.shape[-1])
+        # crop to the sources' size, read from both luminances: the exported decider graph keeps all
+        # four inputs of the engine protocol (an input no node reads is dropped by the exporter)
+        return self.patch_average(p, y_a.shape[-2], y_b.shape[-1])
 
     def forward(self, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) patches/images -> patch logits (B, 1, ceil(H/2) - 7, ceil(W/2) - 7) (training)."""
