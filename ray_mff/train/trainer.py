@@ -87,8 +87,14 @@ def storage_filesystem(storage_path: str, s3_endpoint: str | None = None):
     from pyarrow import fs as pafs
 
     u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    creds = {}
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        # the driver's credentials travel with the (pickled) filesystem to the train workers,
+        # whose processes may have been started before they were set
+        creds = {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+                 "session_token": os.environ.get("AWS_SESSION_TOKEN")}
     fs = pafs.S3FileSystem(endpoint_override=u.netloc, scheme=u.scheme or "https",
-                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **creds)
     return fs, storage_path[len("s3://"):]
 
 
@@ -200,7 +206,8 @@ def train_loop_per_worker(config: dict) -> None:
             if step % cfg["report_every"] and not last:
                 continue
             metrics = {k: v / count for k, v in sums.items()}
-            metrics.update(step=step, lr=_lr_at(step - 1, cfg), wall_s=wall_before + time.time() - t0)
+            metrics.update(step=step, lr=_lr_at(step - 1, cfg), wall_s=wall_before + time.time() - t0,
+                           resumed_from=start_step)
             sums, count = {}, 0
             ckpt = None
             if step % cfg["checkpoint_every"] == 0 or last:
