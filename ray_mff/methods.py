@@ -78,10 +78,18 @@ def get_fuser(
     ``engine``/``precision`` apply to learned models; ``calibration`` selects decision
     calibration (True) or serial pair-by-pair fusion (False) for stacks of more than two images;
     other keyword options go to the method (e.g. ``area_ratio`` for ``guided``).
+
+    ``tile_size`` (pixels per side): images larger than this are fused tile by tile
+    (:class:`ray_mff.tiling.TiledFuser`); learned models default to
+    :data:`ray_mff.tiling.DEFAULT_TILE_SIZE`, classical methods tile only when it is given; 0/None
+    turns tiling off.
     """
+    from ray_mff.tiling import DEFAULT_TILE_SIZE, maybe_tiled
+
     name = name or default_method()
+    tile_size = options.pop("tile_size", None)
     if name in CLASSICAL_METHODS:
-        return ClassicalFuser(name, _classical(name), options)
+        return maybe_tiled(ClassicalFuser(name, _classical(name), options), tile_size)
     from ray_mff.models import list_models
 
     if name not in list_models():
@@ -89,5 +97,8 @@ def get_fuser(
     from ray_mff.engines import make_engine
     from ray_mff.fusion.model_fuser import ModelFuser
 
-    engine_obj = make_engine(name, engine=engine, precision=precision, weights=weights)
-    return ModelFuser(engine_obj, calibration=calibration, **options)
+    tile_size = DEFAULT_TILE_SIZE if tile_size is None else tile_size
+    # a TensorRT profile must accept the largest tile
+    engine_obj = make_engine(name, engine=engine, precision=precision, weights=weights,
+                             max_tile=max(int(tile_size or 0), DEFAULT_TILE_SIZE))
+    return maybe_tiled(ModelFuser(engine_obj, calibration=calibration, **options), tile_size)
