@@ -5,12 +5,14 @@ B. Ma, X. Yin, D. Wu, H. Shen, X. Ban, Y. Wang, "End-to-end learning for simulta
 generating decision map and multi-focus image fusion result", Neurocomputing 470 (2022),
 arXiv 2010.08751 (GACN). A compact version sized to train on a CPU in minutes:
 
-1. **Siamese feature extractor** (:meth:`CascadeNet.encode`, shared weights, run once per image):
-   a stem convolution and a small dense block (Huang et al. 2017) whose output is recalibrated by
-   squeeze-and-excitation channel attention (Hu et al. 2018), on the luminance (B, 1, H, W).
+1. **Siamese feature extractor** (shared weights): a stem convolution and a small dense block
+   (Huang et al. 2017) whose output is recalibrated by squeeze-and-excitation channel attention
+   (Hu et al. 2018), on the luminance (B, 1, H, W).
 2. **Activity comparison**: per-channel spatial frequency of the features over a local window
    (GACN Sec. 3.2, SF = mean of squared row/column differences), compared between the two sources
    as a normalised difference and made near-binary by a steep sigmoid with a learnt slope.
+   Steps 1 and the activity depend on one image: together they are :meth:`CascadeNet.encode`,
+   run once per image; everything after is :meth:`CascadeNet.decide`, run once per pair.
 3. **Decision head** with a wide receptive field (full-resolution dilated convolutions plus a
    quarter-resolution context branch) so that flat, texture-less regions take the decision of the
    focused edges around them, then CBAM spatial attention (Woo et al. 2018) and a 1x1 logit.
@@ -183,18 +185,25 @@ class CascadeNet(nn.Module):
         """Constructor arguments (stored in the safetensors metadata by ``save_weights``)."""
         return dict(self._config)
 
-    def encode(self, y: torch.Tensor) -> torch.Tensor:
-        """Luminance (B, 1, H, W) in [0, 1] -> features (B, C, H, W). Run once per image of a stack."""
+    def features(self, y: torch.Tensor) -> torch.Tensor:
+        """Siamese branch: luminance (B, 1, H, W) in [0, 1] -> learnt features (B, C, H, W)."""
         x = F.leaky_relu(self.stem(y), 0.1)
         x = self.se(self.dense(x))
         return self.project(x)
 
-    def decision_logits(self, feats_a: torch.Tensor, feats_b: torch.Tensor) -> torch.Tensor:
-        """Raw (pre-sigmoid, pre-filter) decision logit (B, 1, H, W); positive where A is sharper."""
-        sa = spatial_frequency(feats_a, self.sf_radius)
-        sb = spatial_frequency(feats_b, self.sf_radius)
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        """Luminance (B, 1, H, W) in [0, 1] -> per-channel activity (B, C, H, W). Run once per image.
+
+        The activity (local spatial frequency of each feature channel) depends on one image only,
+        so it is computed here rather than in :meth:`decide`: a stack of N images pays it N times,
+        not 2 (N - 1) times, which keeps the per-pair decision path light.
+        """
+        return spatial_frequency(self.features(y), self.sf_radius)
+
+    def decision_logits(self, act_a: torch.Tensor, act_b: torch.Tensor) -> torch.Tensor:
+        """Raw (pre-sigmoid, pre-filter) decision logit (B, 1, H, W) from two activities; > 0 where A is sharper."""
         # normalised difference in [-1, 1]: scale-free; 0 (undecided) where both are flat
-        diff = (sa - sb) / (sa + sb + 1e-4)
+        diff = (act_a - act_b) / (act_a + act_b + 1e-4)
         c = torch.sigmoid(self.log_slope.exp() * diff)
         # one batched pass over (c, 1 - c): logit(A, B) = h(c) - h(1 - c) = -logit(B, A)
         h = self.head(torch.cat([c, 1.0 - c], dim=0))
@@ -210,7 +219,10 @@ class CascadeNet(nn.Module):
         return band * filtered + (1.0 - band) * d0
 
     def decide(self, feats_a: torch.Tensor, feats_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
-        """Decision map D (B, 1, H, W) in [0, 1]: probability that source A is in focus."""
+        """Decision map D (B, 1, H, W) in [0, 1]: probability that source A is in focus.
+
+        feats_a, feats_b: :meth:`encode` outputs (B, C, H, W); y_a, y_b: luminances (B, 1, H, W).
+        """
         d0 = torch.sigmoid(self.decision_logits(feats_a, feats_b))
         return self.refine(d0, y_a, y_b)
 
