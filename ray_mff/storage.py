@@ -143,7 +143,7 @@ def walk(root: str, *, s3_endpoint: str | None = None) -> tuple[list[FileEntry],
     """
     fs, path = resolve(root, s3_endpoint=s3_endpoint)
     if is_remote(root):
-        fs.invalidate_cache(path)  # listings are taken once per job: always fresh
+        _forget_listings(fs, path)  # listings are taken once per job: always fresh
     if fs.isfile(path):
         info = fs.info(path)
         return [FileEntry(os.fspath(root), basename(root), info.get("size"))], []
@@ -161,6 +161,21 @@ def walk(root: str, *, s3_endpoint: str | None = None) -> tuple[list[FileEntry],
             continue
         files.append(FileEntry(join_uri(root, *rel.split("/")), rel, info.get("size")))
     return sorted(files), sorted(dirs)
+
+
+def _forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Drop cached listings of ``path``, its parents and everything under it.
+
+    ``invalidate_cache(path)`` alone keeps the sub-folders' listings, and s3fs answers
+    ``info``/``size`` (which ``cat_file`` calls) from them: in a long-lived process a file
+    uploaded into an already-listed folder would be found by the new listing yet read as missing.
+    """
+    fs.invalidate_cache(path)
+    cache = getattr(fs, "dircache", None)
+    if cache:
+        below = path.rstrip("/") + "/"
+        for key in [k for k in list(cache) if k.startswith(below)]:
+            cache.pop(key, None)
 
 
 def read_bytes(uri: str, *, s3_endpoint: str | None = None, fs: fsspec.AbstractFileSystem | None = None) -> bytes:

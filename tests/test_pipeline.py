@@ -266,12 +266,25 @@ def test_nightly_killed_midway_then_rerun(ray_s3, s3_bucket, tmp_path):
     assert nightly.main(["--input", src, "--output", out, "--method", "guided", "--s3-endpoint", endpoint,
                          "--executor", "local"]) == 0
     assert len(_read_manifest(out, endpoint)) == len(ids)
-    _good_stacks(tmp_path / "late", 1, prefix="late")
-    _upload(endpoint, tmp_path / "late", src)
-    summary_line = _run_nightly_capture(nightly, src, out, endpoint)
-    assert "fused=1 skipped=40 failed=0" in summary_line
+    # What arrives next: a new stack, a broken one, and a late third focal plane for scene000.
+    late = tmp_path / "late"
+    _good_stacks(late, 1, prefix="late")
+    (late / "broken").mkdir()
+    (late / "broken" / "broken_A.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    io.write_image(str(late / "broken" / "broken_B.png"), io.read_image(str(late / "late000" / "late000_A.png")))
+    third = render_focus_stack(_texture(96, 96, 0), 3, seed=0, dtype=np.uint8)[0][2]
+    io.write_image(str(late / "scene000" / "scene000_C.png"), third)
+    _upload(endpoint, late, src)
+    code, summary_line = _run_nightly_capture(nightly, src, out, endpoint)
+    assert code == 1 and "fused=2 skipped=39 failed=1" in summary_line  # the carries-on case
     df = _read_manifest(out, endpoint)
-    assert df["stack_id"].is_unique and len(df) == len(ids) + 1
+    assert len(df) == len(ids) + 3  # the manifest is a log: scene000's old row stays, the newest wins
+    newest = df.sort_values("finished_at").drop_duplicates("stack_id", keep="last").set_index("stack_id")
+    assert newest.loc["scene000", "n_images"] == 3 and newest.loc["late000", "status"] == "ok"
+    assert "broken_A.png" in newest.loc["broken", "error"]
+    # ... and the night after, nothing is new.
+    code, summary_line = _run_nightly_capture(nightly, src, out, endpoint)
+    assert code == 0 and "fused=0 skipped=42 failed=0" in summary_line
 
 
 def _load_nightly():
@@ -281,15 +294,16 @@ def _load_nightly():
     return module
 
 
-def _run_nightly_capture(nightly, src: str, out: str, endpoint: str) -> str:
+def _run_nightly_capture(nightly, src: str, out: str, endpoint: str) -> tuple[int, str]:
+    """(exit code, last printed line) of an in-process nightly run on the local executor."""
     import contextlib
     import io as _io
 
     buf = _io.StringIO()
     with contextlib.redirect_stdout(buf):
-        nightly.main(["--input", src, "--output", out, "--method", "guided", "--s3-endpoint", endpoint,
-                      "--executor", "local"])
-    return buf.getvalue().strip().splitlines()[-1]
+        code = nightly.main(["--input", src, "--output", out, "--method", "guided", "--s3-endpoint", endpoint,
+                             "--executor", "local"])
+    return code, buf.getvalue().strip().splitlines()[-1]
 
 
 def test_cluster_yaml_matches_ray_schema():
