@@ -39,8 +39,10 @@ import numpy as np
 
 from ray_mff.fusion.luminance import luminance, to_unit_float
 
-DEFAULT_TRAIN_ROOT = "/work/shared/data/bsds500/train"
-DEFAULT_VAL_ROOT = "/work/shared/data/bsds500/val"
+# ../shared/data beside the repository checkout (see /work/shared/data/README.md); pass --data elsewhere
+_SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "data")
+DEFAULT_TRAIN_ROOT = os.path.normpath(os.path.join(_SHARED, "bsds500", "train"))
+DEFAULT_VAL_ROOT = os.path.normpath(os.path.join(_SHARED, "bsds500", "val"))
 
 
 def list_images(root: str, *, s3_endpoint: str | None = None) -> list[str]:

@@ -36,11 +36,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ray_mff.train.synthetic_pairs import DEFAULT_TRAIN_ROOT, DEFAULT_VAL_ROOT
+
 DEFAULTS: dict[str, Any] = {
     "model": "cascade",
     "model_config": {},
-    "data": "/work/shared/data/bsds500/train",
-    "val_data": "/work/shared/data/bsds500/val",
+    "data": DEFAULT_TRAIN_ROOT,  # held-out BSDS500 val makes the validation pairs; never trained on
+    "val_data": DEFAULT_VAL_ROOT,
     "val_pairs": 16,
     "s3_endpoint": None,
     "steps": 1000,
@@ -376,10 +378,14 @@ def config_from_args(args: argparse.Namespace) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``jobs/train.py`` / ``ray-mff train``: parse, train, print a JSON summary."""
-    parser = add_train_arguments(argparse.ArgumentParser(prog="ray-mff train", description=__doc__.split("\n")[0]))
-    args = parser.parse_args(argv)
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run training from parsed :func:`add_train_arguments` options; print a JSON summary (``ray-mff train``)."""
     out = run_training(config_from_args(args))
-    print(json.dumps({k: v for k, v in out.items()}, indent=2, default=str))
+    print(json.dumps(out, indent=2, default=str))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``jobs/train.py``: parse, train, print a JSON summary."""
+    parser = add_train_arguments(argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n")[0]))
+    return cmd_train(parser.parse_args(argv))
