@@ -1,7 +1,11 @@
 """Ray Data pipeline vs a plain loop over the same method, and the pipeline's memory as stacks grow.
 
-    .venv/bin/python bench/pipeline.py                     # 200 stacks, then 2000 for memory
-    .venv/bin/python bench/pipeline.py --method cascade --stacks 100 --scale 5
+    .venv/bin/python bench/pipeline.py                               # guided: 200 stacks, then 2000 for memory
+    .venv/bin/python bench/pipeline.py --method cascade --stacks 60 --scale 1   # the default model (ONNX Runtime)
+
+``guided`` is the default here so that the 2000-stack memory run takes minutes on two cores;
+the learned default model (``cascade``) is ~10x slower per stack on CPU, so measure it with
+``--scale 1`` (throughput only).
 
 Synthetic 8-bit RGB pairs (``ray_mff.synthetic.render_focus_stack``, 256 x 256 by default) in
 local folders, one folder per stack. A few distinct stacks are rendered and the rest are hard links
@@ -118,14 +122,14 @@ def timed(fn):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default=None, help=f"fusion method (default: {default_method()})")
+    p.add_argument("--method", default="guided", help=f"fusion method (default: guided; ray-mff's default is {default_method()})")
     p.add_argument("--stacks", type=int, default=200)
     p.add_argument("--scale", type=int, default=10, help="memory run: this many times more stacks (1 = skip)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray instance")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = p.parse_args(argv)
-    method = args.method or default_method()
+    method = args.method
     spec = {"name": method}
     tmp = Path(tempfile.mkdtemp(prefix="ray-mff-bench-"))
     rows = []
