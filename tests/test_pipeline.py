@@ -323,3 +323,18 @@ def test_cluster_yaml_matches_ray_schema():
     workers = "\n".join(config["setup_commands"] + config["worker_setup_commands"])
     assert workers.index("install -q torch") < workers.index("[tensorrt]")  # torch first, then ray-mff
     assert "docker" not in config or not config["docker"]
+
+
+def test_resources_follow_the_method_and_the_cluster():
+    """GPUs for learned models when the cluster has them (or when asked), never for classical ones."""
+    from ray_mff.pipeline import plan_resources
+
+    gpu_cluster, cpu_cluster = {"CPU": 16.0, "GPU": 4.0}, {"CPU": 8.0}
+    kw = dict(num_actors=None, num_cpus_per_actor=1.0, num_gpus_per_actor=None)
+    strategy, gpus, actors = plan_resources({"name": "cascade", "engine": "auto"}, gpu_cluster, **kw)
+    assert (gpus, actors) == (1.0, 4) and strategy.min_size == strategy.max_size == 4
+    assert plan_resources({"name": "guided"}, gpu_cluster, **kw)[1:] == (0.0, 16)
+    assert plan_resources({"name": "cascade", "engine": "auto"}, cpu_cluster, **kw)[1:] == (0.0, 8)
+    # An autoscaling cluster with no GPU worker up yet: ask for GPUs and the autoscaler adds nodes.
+    kw.update(num_gpus_per_actor=1.0, num_actors=3)
+    assert plan_resources({"name": "cascade"}, cpu_cluster, **kw)[1:] == (1.0, 3)
