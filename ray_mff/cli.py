@@ -138,7 +138,7 @@ def run_fuse(args):
 
     if args.s3_endpoint:
         storage.set_s3_endpoint(args.s3_endpoint)
-    stacks = discover_stacks(args.input, pattern=args.pattern)
+    stacks = _outside(discover_stacks(args.input, pattern=args.pattern), args.output)
     if not stacks:
         return None
     spec = fuser_spec_from_args(args)
@@ -155,6 +155,21 @@ def run_fuse(args):
                             s3_endpoint=args.s3_endpoint, num_gpus_per_actor=args.gpus_per_actor,
                             flush_every=args.flush_every)
     return run_local(stacks, get_fuser(**spec), args.output, opts)
+
+
+def _outside(stacks: list, output_root: str) -> list:
+    """Leave out stacks inside OUTPUT, for when OUTPUT lies under INPUT (``s3://a`` -> ``s3://a/fused``):
+    our own fused images and manifest parts are not new stacks to fuse every night."""
+    from ray_mff import storage
+
+    out_fs, out_path = storage.resolve(output_root)
+    inside = out_path.rstrip("/") + "/"
+
+    def is_output(uri: str) -> bool:
+        fs, path = storage.resolve(uri)
+        return fs.protocol == out_fs.protocol and path.startswith(inside)
+
+    return [s for s in stacks if not (s.uris and all(is_output(u) for u in s.uris))]
 
 
 def cmd_fuse(args) -> int:

@@ -338,3 +338,14 @@ def test_resources_follow_the_method_and_the_cluster():
     # An autoscaling cluster with no GPU worker up yet: ask for GPUs and the autoscaler adds nodes.
     kw.update(num_gpus_per_actor=1.0, num_actors=3)
     assert plan_resources({"name": "cascade"}, cpu_cluster, **kw)[1:] == (1.0, 3)
+
+
+def test_output_inside_input_is_not_fused_again(tmp_path, capsys):
+    """`ray-mff fuse archive archive/fused`: the results are not new stacks on the next run."""
+    ids = _good_stacks(tmp_path / "archive", 2)
+    args = ["fuse", str(tmp_path / "archive"), str(tmp_path / "archive" / "fused"), "--method", "dwt",
+            "--executor", "local", "--save-decision-maps"]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0
+    assert "0 fused, 2 skipped, 0 failed" in capsys.readouterr().out
+    assert sorted(_read_manifest(str(tmp_path / "archive" / "fused")).stack_id) == ids
