@@ -79,8 +79,8 @@ def get_fuser(
     calibration (True) or serial pair-by-pair fusion (False) for stacks of more than two images;
     other keyword options go to the method (e.g. ``area_ratio`` for ``guided``).
 
-    ``tile_size`` (pixels per side): images larger than this are fused tile by tile
-    (:class:`ray_mff.tiling.TiledFuser`); learned models default to
+    ``tile_size`` (pixels per side): images with a side over twice this are fused in tiles of
+    this size (:class:`ray_mff.tiling.TiledFuser`); learned models default to
     :data:`ray_mff.tiling.DEFAULT_TILE_SIZE`, classical methods tile only when it is given; 0/None
     turns tiling off.
     """
@@ -98,7 +98,7 @@ def get_fuser(
     from ray_mff.fusion.model_fuser import ModelFuser
 
     tile_size = DEFAULT_TILE_SIZE if tile_size is None else tile_size
-    # a TensorRT profile must accept the largest tile
+    # a TensorRT profile must accept the largest image fused whole (twice the tile size)
     engine_obj = make_engine(name, engine=engine, precision=precision, weights=weights,
-                             max_tile=max(int(tile_size or 0), DEFAULT_TILE_SIZE))
+                             max_tile=2 * int(tile_size or DEFAULT_TILE_SIZE))
     return maybe_tiled(ModelFuser(engine_obj, calibration=calibration, **options), tile_size)

@@ -49,8 +49,8 @@ import numpy as np
 from ray_mff.fusion.decision import fuse_with_weights
 from ray_mff.fusion.result import FusionResult
 
-#: default tile side (pixels); images with both sides at most this are fused whole
-DEFAULT_TILE_SIZE = 2048
+#: default tile side (pixels): ~1 MP crops keep the network's working set near 1 GB
+DEFAULT_TILE_SIZE = 1024
 #: default context margin: cascade's receptive field (~90 px) incl. its boundary guided filter
 DEFAULT_MARGIN = 96
 #: default blend-zone width
@@ -135,8 +135,10 @@ class TiledFuser:
 
     fuser:          any fuser whose results carry ``weights`` (H, W, N); fusers without weights
                     (transform-domain methods) are blended on their fused pixels instead.
-    tile_size:      largest crop side given to the inner fuser; images with both sides <= it
-                    go to the inner fuser whole (bit-identical results).
+    tile_size:      largest crop side given to the inner fuser.
+    untiled_max_side: images with both sides <= this go to the inner fuser whole (bit-identical
+                    results); default ``2 * tile_size`` (2048: camera stacks such as stack_v4's
+                    1600 x 1200 fuse whole, remote-sensing scenes are tiled).
     margin:         context pixels around each blend zone (>= receptive field + filter radius).
     feather:        blend-zone width in pixels.
     align:          tile origins are multiples of this (keeps strided layers on the image grid).
@@ -152,10 +154,11 @@ class TiledFuser:
 
     def __init__(self, fuser, tile_size: int = DEFAULT_TILE_SIZE, margin: int = DEFAULT_MARGIN,
                  feather: int = DEFAULT_FEATHER, align: int = DEFAULT_ALIGN,
-                 weights_budget: int = DEFAULT_WEIGHTS_BUDGET):
+                 weights_budget: int = DEFAULT_WEIGHTS_BUDGET, untiled_max_side: int | None = None):
         self.fuser = fuser
         self.name = getattr(fuser, "name", "tiled")
         self.tile_size, self.margin, self.feather, self.align = int(tile_size), int(margin), int(feather), int(align)
+        self.untiled_max_side = int(untiled_max_side) if untiled_max_side else 2 * self.tile_size
         self.weights_budget = int(weights_budget)
         split_axis(self.tile_size + 1, self.tile_size, self.margin, self.feather, self.align)  # validate early
 
@@ -165,7 +168,7 @@ class TiledFuser:
         return getattr(self.fuser, item)
 
     def needs_tiling(self, shape: tuple[int, ...]) -> bool:
-        return shape[0] > self.tile_size or shape[1] > self.tile_size
+        return shape[0] > self.untiled_max_side or shape[1] > self.untiled_max_side
 
     def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
         """N registered images (H, W) or (H, W, C) of one dtype -> FusionResult, tiled above the budget."""

@@ -71,6 +71,9 @@ def test_small_images_pass_through_untouched():
     images = _stack(100, 120)
     res = TiledFuser(inner, tile_size=256, margin=32, feather=16).fuse(images)
     assert inner.calls == [(100, 120)]
+    big = _stack(500, 300)  # up to twice the tile size per side: fused whole by default
+    TiledFuser(inner, tile_size=256, margin=32, feather=16).fuse(big)
+    assert inner.calls[-1] == (500, 300)
     assert "tiles" not in res.stats
 
 
@@ -79,7 +82,7 @@ def test_tiled_equals_untiled_for_a_local_fuser(dtype, channels):
     images = _stack(1500, 1300, n=3, dtype=dtype, channels=channels)
     whole = LocalFocusFuser().fuse(images)
     inner = LocalFocusFuser()
-    tiled = TiledFuser(inner, tile_size=512, margin=32, feather=32).fuse(images)
+    tiled = TiledFuser(inner, tile_size=512, margin=32, feather=32, untiled_max_side=512).fuse(images)
     assert max(max(c) for c in inner.calls) <= 512
     assert tiled.stats["tiles"] == len(inner.calls) > 4
     assert tiled.fused.dtype == dtype and tiled.fused.shape == images[0].shape
@@ -93,7 +96,8 @@ def test_tiled_equals_untiled_for_a_local_fuser(dtype, channels):
 def test_above_the_weights_budget_only_the_index_map_is_kept():
     images = _stack(700, 650, n=3)
     whole = LocalFocusFuser().fuse(images)
-    tiled = TiledFuser(LocalFocusFuser(), tile_size=256, margin=32, feather=16, weights_budget=1000).fuse(images)
+    tiled = TiledFuser(LocalFocusFuser(), tile_size=256, margin=32, feather=16, weights_budget=1000,
+                       untiled_max_side=256).fuse(images)
     assert tiled.weights is None
     assert tiled.index_map.shape == (700, 650) and tiled.index_map.dtype == np.uint16
     assert (tiled.index_map == whole.index_map).mean() > 0.999
@@ -109,7 +113,7 @@ def test_fusers_without_weights_are_blended_on_pixels():
             return FusionResult(fused=np.rint(f).astype(images[0].dtype), weights=None, method="mean")
 
     images = _stack(600, 500, n=2)
-    tiled = TiledFuser(Mean(), tile_size=256, margin=16, feather=16).fuse(images)
+    tiled = TiledFuser(Mean(), tile_size=256, margin=16, feather=16, untiled_max_side=256).fuse(images)
     ref = Mean().fuse(images).fused
     assert np.abs(tiled.fused.astype(int) - ref.astype(int)).max() <= 1
 
@@ -129,7 +133,7 @@ def test_cascade_tiled_matches_untiled(tmp_path, monkeypatch):
     fuser = ModelFuser(make_engine("cascade", engine="onnx", model=net))
     images = _stack(700, 400, n=2)  # 3 tiles of 512 rows: one cut through each blend zone kind
     whole = fuser.fuse(images)
-    tiled = TiledFuser(fuser, tile_size=512, margin=96, feather=32).fuse(images)
+    tiled = TiledFuser(fuser, tile_size=512, margin=96, feather=32, untiled_max_side=512).fuse(images)
     diff = np.abs(tiled.fused.astype(int) - whole.fused.astype(int))
     print("cascade tiled vs untiled: max", diff.max(), "pixels > 1:", int((diff > 1).sum()))
     assert diff.max() <= 1

@@ -1,0 +1,166 @@
+"""Engine throughput: megapixels per second and peak memory of every available engine/precision.
+
+Each (engine, precision) runs in its own subprocess so its peak resident memory (``ru_maxrss``)
+is its own; the engine is built (and the ONNX graph exported into the cache) before timing; each
+configuration fuses, through :class:`ray_mff.fusion.model_fuser.ModelFuser`:
+
+- the 20 Lytro pairs (520 x 520 colour),
+- a subset of stack_v4 (1600 x 1200 colour; every ``65 // N``-th image, ``--v4-images N``,
+  default 9, spanning the whole focus range), calibrated N-image fusion.
+
+Throughput is *source* megapixels per second (H x W x N / wall time), so pairs and stacks
+compare. Configurations run in rounds (``--rounds``) and the best round counts, which damps the
+noise of a shared machine; the ratio against torch eager (the reference) comes from the same run.
+
+    .venv/bin/python bench/engines.py                 # all engines available here
+    .venv/bin/python bench/engines.py --lytro-pairs 5 --v4-images 5 --rounds 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data"
+
+CONFIGS = [("torch", "fp32"), ("onnx", "fp32"), ("onnx", "fp16"), ("tensorrt", "fp32"), ("tensorrt", "fp16")]
+
+
+def _load(lytro_pairs: int, v4_images: int):
+    from ray_mff import io
+
+    sets = {}
+    lytro = sorted((DATA / "lytro").glob("lytro_*_A.png"))[:lytro_pairs]
+    if lytro:
+        sets["lytro"] = [[io.read_image(str(a)), io.read_image(str(a).replace("_A.", "_B."))] for a in lytro]
+    v4 = sorted((DATA / "stack_v4").glob("V*.jpg"))
+    if v4 and v4_images >= 2:
+        step = max(1, len(v4) // v4_images)
+        sets["stack_v4"] = [[io.read_image(str(p)) for p in v4[::step][:v4_images]]]
+    return sets
+
+
+def worker(engine: str, precision: str, model: str, lytro_pairs: int, v4_images: int, threads: int | None) -> dict:
+    """Run in a subprocess: build the engine, fuse every set, report timings and peak RSS."""
+    import torch
+
+    from ray_mff.engines import make_engine
+    from ray_mff.fusion.model_fuser import ModelFuser
+    from ray_mff.models import default_weights_path, get_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    weights = "default" if default_weights_path(model).is_file() else None
+    torch.manual_seed(0)
+    net = get_model(model, weights=weights)
+    sets = _load(lytro_pairs, v4_images)
+    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    eng = make_engine(model, engine=engine, precision=precision, model=net, threads=threads)
+    setup = time.perf_counter() - t0
+    fuser = ModelFuser(eng)
+    first = next(iter(sets.values()))[0]
+    fuser.fuse([img[:128, :128] for img in first])  # warm-up (allocators, lazy kernels)
+    out = {"engine": eng.name, "precision": eng.precision, "weights": "shipped" if weights else "random",
+           "setup_s": setup, "rss_after_load_mb": rss_data, "sets": {}}
+    for name, stacks in sets.items():
+        t = time.perf_counter()
+        mp = 0.0
+        for images in stacks:
+            fuser.fuse(images)
+            h, w = images[0].shape[:2]
+            mp += h * w * len(images) / 1e6
+        out["sets"][name] = {"seconds": time.perf_counter() - t, "source_mp": mp, "stacks": len(stacks),
+                             "n": len(stacks[0]), "shape": list(stacks[0][0].shape)}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cascade")
+    p.add_argument("--lytro-pairs", type=int, default=20)
+    p.add_argument("--v4-images", type=int, default=9)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for every engine (default: all CPUs)")
+    p.add_argument("--configs", default=None, help="comma list like torch:fp32,onnx:fp32 (default: all available)")
+    p.add_argument("--worker", nargs=2, metavar=("ENGINE", "PRECISION"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.model, args.lytro_pairs, args.v4_images, args.threads)))
+        return 0
+    if not DATA.is_dir():
+        print(f"{DATA} is not present: nothing to benchmark")
+        return 1
+
+    from ray_mff.engines import probe_environment, select_engine
+    from ray_mff.errors import EngineUnavailableError
+
+    env = probe_environment()
+    configs = CONFIGS if not args.configs else [tuple(c.split(":")) for c in args.configs.split(",")]
+    runnable, skipped = [], []
+    for eng, prec in configs:
+        try:
+            select_engine(eng, env)
+            runnable.append((eng, prec))
+        except EngineUnavailableError as err:
+            skipped.append(f"{eng} {prec}: {err}")
+    best: dict = {}
+    for r in range(args.rounds):
+        for eng, prec in runnable:
+            cmd = [sys.executable, __file__, "--worker", eng, prec, "--model", args.model,
+                   "--lytro-pairs", str(args.lytro_pairs), "--v4-images", str(args.v4_images)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            if res.returncode != 0:
+                skipped.append(f"{eng} {prec}: failed: {res.stderr.strip().splitlines()[-1:]}")
+                continue
+            rec = json.loads(res.stdout.strip().splitlines()[-1])
+            prev = best.get((eng, prec))
+            if prev is None:
+                best[(eng, prec)] = rec
+            else:
+                for name, s in rec["sets"].items():
+                    if s["seconds"] < prev["sets"][name]["seconds"]:
+                        prev["sets"][name] = s
+                prev["peak_rss_mb"] = max(prev["peak_rss_mb"], rec["peak_rss_mb"])
+            print(f"round {r + 1}: {eng} {prec} done", file=sys.stderr)
+
+    torch_ref = best.get(("torch", "fp32"))
+    rows = []
+    for (eng, prec), rec in best.items():
+        for name, s in rec["sets"].items():
+            mps = s["source_mp"] / s["seconds"]
+            ratio = None
+            if torch_ref and name in torch_ref["sets"]:
+                t = torch_ref["sets"][name]
+                ratio = mps / (t["source_mp"] / t["seconds"])
+            rows.append((rec["engine"], prec, name, f"{s['stacks']}x{s['n']}", mps, ratio, rec["peak_rss_mb"]))
+    any_rec = next(iter(best.values()), None)
+    print(f"model {args.model} ({any_rec['weights'] if any_rec else '?'} weights), {os.cpu_count()} CPUs, "
+          f"threads {args.threads or 'all'}, best of {args.rounds} round(s)")
+    header = ("engine", "precision", "data", "stacks x n", "source MP/s", "vs torch", "peak RSS MB")
+    print("  ".join(f"{h:>12s}" for h in header))
+    for e, pr, name, sn, mps, ratio, rss in rows:
+        print("  ".join([f"{e:>12s}", f"{pr:>12s}", f"{name:>12s}", f"{sn:>12s}", f"{mps:12.3f}",
+                         f"{'-' if ratio is None else f'{ratio:.2f}x':>12s}", f"{rss:12.0f}"]))
+    for s in skipped:
+        print(f"skipped {s}")
+    if torch_ref and ("onnx", "fp32") in best:
+        ratios = [r[5] for r in rows if r[0].startswith("onnxruntime") and r[1] == "fp32" and r[5]]
+        verdict = "OK" if min(ratios) >= 1.5 else "BELOW 1.5x"
+        print(f"ONNX Runtime fp32 vs torch eager: {', '.join(f'{x:.2f}x' for x in ratios)} ({verdict})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
