@@ -61,7 +61,7 @@ class FocusCNN(nn.Module):
     #: Liu et al.'s consistency verification, applied by the fuser to the focus map
     postprocess = {"kind": "consistency", "threshold": 0.5, "area_ratio": 0.01, "radius": 8, "eps": 0.1}
 
-    def __init__(self, channels: tuple[int, int, int] = (32, 48, 64), hidden: int = 32):
+    def __init__(self, channels: tuple[int, int, int] = (24, 32, 48), hidden: int = 32):
         super().__init__()
         c1, c2, c3 = channels
         self._config = dict(channels=list(channels), hidden=hidden)

@@ -8,7 +8,10 @@ end-to-end network whose three parts are learnt together,
    image): two multi-scale blocks, each three parallel convolutions of kernel 3, 5 and 7
    (Inception-like, Szegedy et al. 2015) concatenated and mixed by a 1 x 1 convolution, with skip
    connections (the second block is residual, and the luminance is carried as channel 0);
-2. **feature fusion**: the two feature sets are concatenated and mixed by convolutions;
+2. **feature fusion**: the two feature sets are concatenated and mixed by convolutions (run for
+   (A, B) and (B, A), whose selection logits are subtracted: swapping the sources swaps the
+   selection exactly, and the network learns the comparison much faster than from concatenation
+   alone);
 3. **reconstruction at several scales**: a small encoder-decoder over the fused features
    reconstructs the fused image at 1/4, 1/2 and full resolution, each scale refining the
    upsampled coarser one (coarse-to-fine, as the paper's multi-scale restoration); every scale is
@@ -102,7 +105,7 @@ class MSCNN(nn.Module):
     stride = 1
 
     def __init__(self, branch: int = 8, features: int = 16, fusion: int = 24, widths: tuple[int, int, int] = (16, 24, 32),
-                 residual_scale: float = 0.1):
+                 residual_scale: float = 0.05):
         super().__init__()
         self._config = dict(branch=branch, features=features, fusion=fusion, widths=list(widths),
                             residual_scale=residual_scale)
@@ -121,6 +124,9 @@ class MSCNN(nn.Module):
         self.head1 = ScaleHead(w1, w1)
         self.dec0 = _conv(fusion + w1, w0)
         self.head0 = ScaleHead(w0, w0)
+        # slope of the selection sigmoids (learnt, init 4): the loss asks each window to follow one
+        # source, so selections should be near-hard from the start
+        self.log_slope = nn.Parameter(torch.tensor(1.386294))
         self.residual_scale = residual_scale
 
     def config(self) -> dict:
@@ -134,23 +140,31 @@ class MSCNN(nn.Module):
 
     def reconstruct(self, feats_a: torch.Tensor, feats_b: torch.Tensor, y_a: torch.Tensor,
                     y_b: torch.Tensor) -> list[torch.Tensor]:
-        """Fused luminance at full, 1/2 and 1/4 resolution (full first), each (B, 1, H_s, W_s)."""
-        x0 = _act(self.fuse2(_act(self.fuse1(torch.cat([feats_a, feats_b], dim=1)))))
+        """Fused luminance at full, 1/2 and 1/4 resolution (full first), each (B, 1, H_s, W_s).
+
+        Fusion and reconstruction run on (A, B) and on (B, A) in one batch; the selection logits
+        are subtracted and the residuals averaged, so swapping the sources gives the same image.
+        """
+        pair = torch.cat([torch.cat([feats_a, feats_b], dim=1), torch.cat([feats_b, feats_a], dim=1)], dim=0)
+        x0 = _act(self.fuse2(_act(self.fuse1(pair))))  # feature fusion by concatenation
         x1 = _act(self.enc1(_down(x0)))
         x2 = _act(self.enc2(_down(x1)))
         for conv in self.ctx2:
             x2 = x2 + _act(conv(x2))
-        ya1, yb1 = _down(y_a), _down(y_b)
-        ya2, yb2 = _down(ya1), _down(yb1)
-        outs = []
         logit2, r2 = self.head2(x2, torch.zeros_like(x2[:, :1]))
         d1 = _act(self.dec1(torch.cat([x1, _up(x2, x1)], dim=1)))
         logit1, r1 = self.head1(d1, _up(logit2, x1))
         d0 = _act(self.dec0(torch.cat([x0, _up(d1, x0)], dim=1)))
         logit0, r0 = self.head0(d0, _up(logit1, x0))
+        ya1, yb1 = _down(y_a), _down(y_b)
+        ya2, yb2 = _down(ya1), _down(yb1)
+        slope = self.log_slope.exp()
+        outs = []
         for logit, r, a, b in ((logit0, r0, y_a, y_b), (logit1, r1, ya1, yb1), (logit2, r2, ya2, yb2)):
-            g = torch.sigmoid(logit)
-            outs.append(g * a + (1.0 - g) * b + self.residual_scale * torch.tanh(r))
+            la, lb = logit.chunk(2, dim=0)
+            ra, rb = r.chunk(2, dim=0)
+            g = torch.sigmoid(slope * (la - lb))
+            outs.append(g * a + (1.0 - g) * b + self.residual_scale * torch.tanh(0.5 * (ra + rb)))
         return outs
 
     def decide(self, feats_a: torch.Tensor, feats_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:

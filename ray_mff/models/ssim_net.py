@@ -65,8 +65,8 @@ class SSIMFuseNet(nn.Module):
     training_objective = "ssim_select"
     stride = 1
 
-    def __init__(self, width: int = 16, head: int = 24, head_dilations: tuple[int, ...] = (1, 2, 4, 8),
-                 recon: int = 16, residual_scale: float = 0.1):
+    def __init__(self, width: int = 16, head: int = 16, head_dilations: tuple[int, ...] = (1, 2, 4, 8),
+                 recon: int = 16, residual_scale: float = 0.05):
         super().__init__()
         self._config = dict(width=width, head=head, head_dilations=list(head_dilations), recon=recon,
                             residual_scale=residual_scale)
@@ -79,6 +79,9 @@ class SSIMFuseNet(nn.Module):
         self.h_in = nn.Conv2d(3 * feats, head, 1)
         self.h_convs = nn.ModuleList(_conv(head, head, d) for d in head_dilations)
         self.h_out = nn.Conv2d(head, 1, 3, padding=1)
+        # slope of the selection sigmoid (learnt, init 4): a window's fused structure should come from
+        # one source (the loss picks one per window), so the selection is pushed towards hard early on
+        self.log_slope = nn.Parameter(torch.tensor(1.386294))
         # reconstruction on [fused feats, g]
         self.r1 = _conv(feats + 1, recon)
         self.r2 = _conv(recon, recon)
@@ -108,7 +111,7 @@ class SSIMFuseNet(nn.Module):
         # one batched pass over (A, B) and (B, A)
         h = self._head(torch.cat([feats_a, feats_b], dim=0), torch.cat([feats_b, feats_a], dim=0))
         ha, hb = h.chunk(2, dim=0)
-        return torch.sigmoid(ha - hb)
+        return torch.sigmoid(self.log_slope.exp() * (ha - hb))
 
     def decide(self, feats_a: torch.Tensor, feats_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
         """Features (B, C, H, W) of A and B -> fused luminance (B, 1, H, W).

@@ -15,7 +15,7 @@ Objectives:
 ==========================  =================================================================
 ``gradient_aware``          synthetic focus pairs with masks; Dice + (1 - Q_G) (GACN; ``cascade``)
 ``ssim_select``             synthetic pairs, masks unused; Yan et al. 2020's std-selected SSIM (``ssim``)
-``ssim_multiscale``         synthetic pairs, masks unused; std-weighted SSIM at 3 scales (``mscnn``)
+``ssim_multiscale``         synthetic pairs, masks unused; std-selected SSIM at 3 scales (``mscnn``)
 ``patch_classification``    clear / Gaussian-blurred patch pairs; binary cross-entropy (``cnn``)
 ==========================  =================================================================
 """
@@ -67,7 +67,7 @@ def _ssim_multiscale_loss(model, batch: dict, cfg: dict) -> dict:
     from ray_mff.train.ssim_loss import multiscale_ssim_loss
 
     scales = model(batch["y_a"], batch["y_b"])
-    return multiscale_ssim_loss(batch["y_a"], batch["y_b"], scales, mode="weight", power=4.0)
+    return multiscale_ssim_loss(batch["y_a"], batch["y_b"], scales, mode="select")
 
 
 # --------------------------------------------------------------------------- clear / blurred patch pairs
@@ -137,7 +137,7 @@ def blurred_patch_pairs(images: Sequence[np.ndarray], rng: np.random.Generator, 
 
 
 def _patch_pairs(images: Sequence[np.ndarray], rng: np.random.Generator, cfg: dict) -> dict:
-    return blurred_patch_pairs(images, rng, int(cfg["patch"]), int(cfg.get("patches_per_image", 16)))
+    return blurred_patch_pairs(images, rng, int(cfg["patch"]), int(cfg.get("patches_per_image", 32)))
 
 
 def _patch_classification_loss(model, batch: dict, cfg: dict) -> dict:
