@@ -57,6 +57,7 @@ def test_split_axis_covers_and_respects_the_budget(n, tile, margin, feather, ali
     for i, s in enumerate(segs):
         assert s.crop[1] - s.crop[0] <= tile
         assert s.crop[0] % align == 0
+        assert s.crop[1] == n or (s.crop[1] - s.crop[0]) % align == 0
         assert s.crop[0] <= s.support[0] and s.support[1] <= s.crop[1]
         if i > 0:  # context on the cut side
             assert s.support[0] - s.crop[0] >= margin and segs[i - 1].core[1] == s.core[0]
