@@ -402,28 +402,30 @@ def _parse_hw(text: str) -> tuple[int, int]:
 def cmd_export(args) -> int:
     out = Path(args.out)
     if args.export_format == "tensorrt":
-        # fail before the export if TensorRT cannot run here: one clear line, exit 2 (cli.main)
+        # fail before any work if TensorRT cannot run here: one clear line, exit 2 (cli.main)
         from ray_mff.engines import require_tensorrt
+        from ray_mff.engines.tensorrt_build import ShapeProfile, build_plans
 
         require_tensorrt()
+        profile = ShapeProfile(min_hw=_parse_hw(args.min_shape), opt_hw=_parse_hw(args.opt_shape),
+                               max_hw=_parse_hw(args.max_shape), max_batch=args.max_batch)
+        res = build_plans(args.model, out, precision=args.precision, weights=args.weights, profile=profile,
+                          workspace_bytes=args.workspace_mib << 20, timing_cache=out / "timing.cache")
+        _print_export(args.model, res["onnx"])
+        print(f"tensorrt {res['facts']['tensorrt']} on {res['facts']['gpu']}: {res['encoder']}, {res['decider']} "
+              f"({res['facts']['mode']['why']})")
+        return 0
     res = export_onnx(args.model, out, args.precision, args.weights, opset=args.opset, verify=not args.no_verify)
-    print(f"{args.model} ({args.precision}, opset {res['opset']}, {res['feature_channels']} feature channels) -> "
+    _print_export(args.model, res)
+    return 0
+
+
+def _print_export(model: str, res: dict) -> None:
+    print(f"{model} ({res['precision']}, opset {res['opset']}, {res['feature_channels']} feature channels) -> "
           f"{res['encoder']}, {res['decider']}")
     for kind, v in (res.get("verification") or {}).items():
         print(f"verify {kind:6s} {v['shape'][0]}x{v['shape'][1]}: features max|onnx-torch| {v['features_max_abs']:.3g}"
               f"  decision max|onnx-torch| {v['decision_max_abs']:.3g}")
-    if args.export_format == "tensorrt":
-        from ray_mff.engines.tensorrt_build import ShapeProfile, build_engine_file
-
-        profile = ShapeProfile(min_hw=_parse_hw(args.min_shape), opt_hw=_parse_hw(args.opt_shape),
-                               max_hw=_parse_hw(args.max_shape), max_batch=args.max_batch)
-        for graph in ("encoder", "decider"):
-            plan = build_engine_file(res[graph], out / f"{graph}.plan", precision=args.precision, profile=profile,
-                                     feature_channels=res["feature_channels"],
-                                     workspace_bytes=args.workspace_mib << 20,
-                                     timing_cache=out / "timing.cache")
-            print(f"tensorrt {graph}: {plan}")
-    return 0
 
 
 if __name__ == "__main__":  # python -m ray_mff.export ...

@@ -291,3 +291,31 @@ def cached_engine(onnx_path: str | os.PathLike, *, precision: str, profile: Shap
         storage.write_bytes_atomic(uri[: -len(".plan")] + ".json", json.dumps(facts, indent=2).encode())
         log.info("built and cached TensorRT %s plan (%s): %s", graph, mode.why, uri)
     return plan
+
+
+def build_plans(model_name: str, out_dir: str | os.PathLike, *, precision: str = "fp32", weights="default",
+                profile: ShapeProfile | None = None, workspace_bytes: int = 2 << 30,
+                timing_cache: str | os.PathLike | None = None, trt=None) -> dict:
+    """Export ``model_name`` to the ONNX graph this TensorRT needs for ``precision`` and build both
+    plans into ``out_dir`` (``encoder.plan``, ``decider.plan``, ``plans.json``). Returns the paths
+    and facts. This is what ``ray-mff export --format tensorrt`` and ``trt/build_engine.py`` run."""
+    from ray_mff.export import export_onnx, file_sha
+
+    trt = trt or _tensorrt()
+    profile = profile or ShapeProfile()
+    mode = select_build_mode(trt, precision)
+    out_dir = Path(out_dir)
+    onnx = export_onnx(model_name, out_dir / f"onnx-{mode.onnx_precision}", mode.onnx_precision, weights)
+    plans = {}
+    for graph in ("encoder", "decider"):
+        plans[graph] = build_engine_file(onnx[graph], out_dir / f"{graph}.plan", precision=precision, profile=profile,
+                                         feature_channels=onnx["feature_channels"], workspace_bytes=workspace_bytes,
+                                         timing_cache=timing_cache, trt=trt)
+    gpu = current_gpu()
+    facts = {"model": model_name, "precision": precision, "mode": asdict(mode), "tensorrt": trt.__version__,
+             "gpu": gpu.name, "compute_capability": list(gpu.compute_capability), "profile": asdict(profile),
+             "onnx": {g: {"path": str(onnx[g]), "sha256": file_sha(onnx[g])} for g in ("encoder", "decider")},
+             "stride": onnx["stride"], "feature_channels": onnx["feature_channels"],
+             "onnx_verification": onnx.get("verification")}
+    (out_dir / "plans.json").write_text(json.dumps(facts, indent=2))
+    return {**plans, "onnx": onnx, "facts": facts}
