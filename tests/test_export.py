@@ -122,3 +122,27 @@ def test_cli_export_tensorrt_without_tensorrt_is_one_line_exit_2(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("ray-mff: tensorrt:") and "not installed" in err[0]
+
+
+@pytest.mark.parametrize("name", ["cnn", "mscnn", "ssim"])
+def test_every_registered_model_exports(name, tmp_path):
+    """Every registered model exports with dynamic sizes and matches torch (small random input)."""
+    from ray_mff.engines.base import pad_to_multiple
+    from ray_mff.engines.onnx_engine import OnnxEngine
+    from ray_mff.models import list_models
+
+    if name not in list_models():
+        pytest.skip(f"{name} is not registered")
+    torch.manual_seed(0)
+    net = get_model(name, weights=None)
+    res = export.export_model(net, tmp_path, "fp32", name=name, verify=False)
+    eng = OnnxEngine(res["encoder"], res["decider"], stride=res["stride"], threads=1)
+    y = np.random.default_rng(0).random((2, 1, 45, 58), dtype=np.float32)
+    f = eng.encode(y)
+    d = eng.decide(f[:1], f[1:], y[:1], y[1:])
+    yp = torch.from_numpy(pad_to_multiple(y, res["stride"]))
+    with torch.no_grad():
+        ft = net.encode(yp)
+        dt = net.decide(ft[:1], ft[1:], yp[:1], yp[1:])[..., :45, :58].numpy()
+    assert d.shape == (1, 1, 45, 58)
+    assert np.abs(d - dt).max() < 1e-4
