@@ -142,3 +142,25 @@ def test_shipped_weights_fuse_a_stack(name):
     sharp_share = float((result.index_map == truth).mean())
     assert sharp_share > 0.7, f"{name}: sharp source chosen on {sharp_share:.0%} of pixels"
     assert get_model(name).weights_metadata["model"] == name
+
+
+@pytest.mark.timeout(300)
+def test_trainer_picks_the_model_objective(ray_session, tmp_path):
+    """``jobs/train.py --model cnn`` runs the one Ray Train loop with the cnn's own data and loss
+    (clear/blurred patch pairs, cross-entropy) and exports loadable safetensors weights."""
+    import cv2
+
+    from ray_mff.models import read_metadata
+    from ray_mff.train.trainer import run_training
+
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / f"img_{i}.png"), np.uint8(_texture(80, 80, 10 + i) * 255))
+    out = run_training({
+        "model": "cnn", "data": str(tmp_path), "val_data": str(tmp_path), "val_pairs": 2, "steps": 4,
+        "batch_size": 2, "patch": 16, "lr": 1e-3, "warmup_steps": 1, "report_every": 2, "checkpoint_every": 4,
+        "num_workers": 1, "storage_path": str(tmp_path / "runs"), "name": "cnn_tiny",
+        "export": str(tmp_path / "cnn.safetensors"),
+    })
+    assert {"bce", "accuracy", "val_bce"} <= set(out["metrics"])
+    assert read_metadata(out["weights"])["model"] == "cnn"
+    assert get_model("cnn", weights=out["weights"]).output == "focus"
