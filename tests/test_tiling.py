@@ -138,3 +138,19 @@ def test_cascade_tiled_matches_untiled(tmp_path, monkeypatch):
     diff = np.abs(tiled.fused.astype(int) - whole.fused.astype(int))
     print("cascade tiled vs untiled: max", diff.max(), "pixels > 1:", int((diff > 1).sum()))
     assert diff.max() <= 1
+
+
+def test_get_fuser_tiles_learned_models_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_MFF_CACHE", str(tmp_path))
+    from ray_mff.methods import get_fuser
+    from ray_mff.tiling import DEFAULT_TILE_SIZE
+
+    fuser = get_fuser("cascade", engine="onnx", weights=None)
+    assert isinstance(fuser, TiledFuser) and fuser.tile_size == DEFAULT_TILE_SIZE
+    assert fuser.untiled_max_side == 2 * DEFAULT_TILE_SIZE  # camera stacks (e.g. 1600 x 1200) fuse whole
+    assert fuser.name == "cascade" and fuser.engine.name == "onnxruntime-cpu"
+    res = fuser.fuse(_stack(64, 48, n=2))
+    assert res.stats["engine"] == "onnxruntime-cpu" and "tiles" not in res.stats
+    assert not isinstance(get_fuser("cascade", engine="onnx", weights=None, tile_size=0), TiledFuser)
+    assert not isinstance(get_fuser("guided"), TiledFuser)
+    assert isinstance(get_fuser("guided", tile_size=512), TiledFuser)
