@@ -214,6 +214,7 @@ def test_lytro_onnxruntime_vs_torch_sample(shared_data):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_lytro_onnxruntime_vs_torch_all_20_pairs(shared_data):
     """Acceptance on all 20 pairs (minutes on a busy 2-core machine: marked slow)."""
     _compare_lytro(shared_data, list(range(1, 21)), fp16_pairs=5)
