@@ -14,8 +14,10 @@ Objectives:
 
 ==========================  =================================================================
 ``gradient_aware``          synthetic focus pairs with masks; Dice + (1 - Q_G) (GACN; ``cascade``)
-``ssim_select``             synthetic pairs, masks unused; Yan et al. 2020's std-selected SSIM (``ssim``)
-``ssim_multiscale``         synthetic pairs, masks unused; std-selected SSIM at 3 scales (``mscnn``)
+``ssim_select``             synthetic pairs of varying size, masks unused; Yan et al. 2020's
+                            std-selected SSIM (``ssim``)
+``ssim_multiscale``         synthetic pairs of varying size, masks unused; std-selected SSIM at
+                            3 scales (``mscnn``)
 ``patch_classification``    clear / Gaussian-blurred patch pairs; binary cross-entropy (``cnn``)
 ==========================  =================================================================
 """
@@ -46,6 +48,18 @@ def _synthetic_pairs(images: Sequence[np.ndarray], rng: np.random.Generator, cfg
     from ray_mff.train.synthetic_pairs import make_batch
 
     return make_batch(images, rng, int(cfg["patch"]))
+
+
+def _variable_size_pairs(images: Sequence[np.ndarray], rng: np.random.Generator, cfg: dict) -> dict:
+    """Synthetic pairs whose size changes from batch to batch (3/4 to 5/4 of ``patch``, multiples
+    of 8): the fully convolutional direct-fusion networks train on variable image sizes, as Yan et
+    al. 2020 do, so nothing in them tunes itself to one crop size."""
+    from ray_mff.train.synthetic_pairs import make_batch
+
+    patch = int(cfg["patch"])
+    lo = max(2, (3 * patch // 4) // 8)  # in units of 8 pixels
+    size = int(rng.integers(lo, max(lo, (5 * patch // 4) // 8) + 1)) * 8
+    return make_batch(images, rng, size)
 
 
 def _gradient_aware_loss(model, batch: dict, cfg: dict) -> dict:
@@ -156,8 +170,8 @@ def _patch_classification_loss(model, batch: dict, cfg: dict) -> dict:
 
 OBJECTIVES: dict[str, Objective] = {
     "gradient_aware": Objective("gradient_aware", _synthetic_pairs, _gradient_aware_loss),
-    "ssim_select": Objective("ssim_select", _synthetic_pairs, _ssim_select_loss),
-    "ssim_multiscale": Objective("ssim_multiscale", _synthetic_pairs, _ssim_multiscale_loss),
+    "ssim_select": Objective("ssim_select", _variable_size_pairs, _ssim_select_loss),
+    "ssim_multiscale": Objective("ssim_multiscale", _variable_size_pairs, _ssim_multiscale_loss),
     "patch_classification": Objective("patch_classification", _patch_pairs, _patch_classification_loss),
 }
 
