@@ -116,11 +116,10 @@ def print_run_summary(summary, out=None) -> None:
     print_table(rows, [("stack_id", "stack"), ("n_images", "n"), ("size", "size"), ("method", "method"),
                        ("engine", "engine"), ("status", "status"), ("seconds", "sec"), ("q_g", "Q_G"),
                        ("q_y", "Q_Y"), ("q_mi", "Q_MI")], out=out)
-    ok = [r for r in rows if r["status"] == "ok"]
-    if ok:
-        print(f"mean over {len(ok)} fused: Q_G {_fmt(_mean(ok, 'q_g'))}  Q_Y {_fmt(_mean(ok, 'q_y'))}  "
-              f"Q_MI {_fmt(_mean(ok, 'q_mi'))}", file=out)
-    for r in rows:
+    if summary.fused:
+        print(f"mean over {summary.fused} fused: Q_G {_fmt(summary.mean('q_g'))}  Q_Y {_fmt(summary.mean('q_y'))}  "
+              f"Q_MI {_fmt(summary.mean('q_mi'))}", file=out)
+    for r in rows[:60]:
         if r["status"] != "ok":
             print(f"error: {r['error']}", file=out)
         elif r.get("warning"):

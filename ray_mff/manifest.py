@@ -126,16 +126,16 @@ class ManifestWriter:
     output_root: str
     run_id: str
     flush_every: int = 32
-    rows: list[dict] = field(default_factory=list)
     parts: list[str] = field(default_factory=list)
     _pending: list[dict] = field(default_factory=list)
 
-    def add(self, row: dict) -> None:
+    def add(self, row: dict) -> dict:
+        """Queue ``row`` (stamped with this run's id, which is returned) for the next part file."""
         row = {**row, "run_id": self.run_id}
-        self.rows.append(row)
         self._pending.append(row)
         if len(self._pending) >= self.flush_every:
             self.flush()
+        return row
 
     def flush(self) -> None:
         if self._pending:

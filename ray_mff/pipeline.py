@@ -254,14 +254,8 @@ def run_pipeline(
         # A stream: blocks of rows arrive as actors finish them; nothing is collected in Ray.
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
             for row in table.to_pylist():
-                writer.add(row)
-                row = writer.rows[-1]  # with this run's id
-                summary.rows.append(row)
-                if row["status"] == manifest.STATUS_OK:
-                    summary.fused += 1
-                else:
-                    summary.failed += 1
-                    log.warning("%s", row["error"])
+                row = writer.add(row)  # stamped with this run's id
+                summary.record(row)
                 if on_row:
                     on_row(row)
             # Slow stacks (big images, big models): also flush on time, so a killed driver loses

@@ -41,12 +41,38 @@ class RunOptions:
 
 @dataclass
 class RunSummary:
+    """Counts of a run, the means of its scores, and a bounded sample of its rows for display.
+
+    Memory stays flat in the number of stacks: an archive run of millions of stacks keeps
+    counters and the first ``keep_rows`` rows; the manifest has all of them.
+    """
+
     run_id: str
     output: str
     fused: int = 0
     skipped: int = 0
     failed: int = 0
     rows: list[dict] = field(default_factory=list)
+    keep_rows: int = 1000
+    _sums: dict = field(default_factory=dict, repr=False)
+
+    def record(self, row: dict) -> None:
+        if row["status"] == manifest.STATUS_OK:
+            self.fused += 1
+            for key in ("q_g", "q_y", "q_mi"):
+                value = row.get(key)
+                if value is not None and value == value:  # not NaN
+                    total, count = self._sums.get(key, (0.0, 0))
+                    self._sums[key] = (total + value, count + 1)
+        else:
+            self.failed += 1
+            log.warning("%s", row["error"])
+        if len(self.rows) < self.keep_rows:
+            self.rows.append(row)
+
+    def mean(self, key: str) -> float:
+        total, count = self._sums.get(key, (0.0, 0))
+        return total / count if count else float("nan")
 
     @property
     def exit_code(self) -> int:
@@ -220,14 +246,8 @@ def run_local(
     summary = RunSummary(run_id=run_id, output=output_root, skipped=len(skipped))
     with manifest.ManifestWriter(output_root, run_id) as writer:
         for stack in _progress(todo, progress):
-            row = process_stack(stack, fuser, output_root, opts)
-            writer.add(row)
-            summary.rows.append(row)
-            if row["status"] == manifest.STATUS_OK:
-                summary.fused += 1
-            else:
-                summary.failed += 1
-                log.warning("%s", row["error"])
+            row = writer.add(process_stack(stack, fuser, output_root, opts))
+            summary.record(row)
             if not (progress and sys.stderr.isatty()):
                 log.info("%s %s %.2fs", row["stack_id"], row["status"], row["seconds"])
             if on_row:
