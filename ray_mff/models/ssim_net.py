@@ -4,8 +4,10 @@ After X. Yan, S. Z. Gilani, H. Qin, A. Mian, "Structural similarity loss for lea
 multi-focus images", Sensors 20(22) 6647 (2020): a feed-forward, fully convolutional network maps
 the source pair straight to the all-in-focus image, and is trained *without* ground truth by an
 SSIM loss in which the local standard deviation of each source decides, window by window, which
-source the fused window must resemble (:func:`ray_mff.train.ssim_loss.std_selected_ssim_loss`).
-No decision map leaves the network and there is no post-processing.
+source the fused window must resemble (:func:`ray_mff.train.ssim_loss.std_selected_ssim_loss`;
+where the two stds tie, F must resemble either source, as in Yang's Q_Y). No decision map leaves
+the network and there is no post-processing. Colour images: the fuser transfers the fused
+luminance to colour (:mod:`ray_mff.fusion.luminance_transfer`); stacks of N > 2 fuse serially.
 
 A compact version sized to train on a CPU in minutes:
 
