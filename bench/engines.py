@@ -1,16 +1,17 @@
 """Engine throughput: megapixels per second and peak memory of every available engine/precision.
 
-Each (engine, precision) runs in its own subprocess so its peak resident memory (``ru_maxrss``)
-is its own; the engine is built (and the ONNX graph exported into the cache) before timing; each
-configuration fuses, through :class:`ray_mff.fusion.model_fuser.ModelFuser`:
+Every (engine, precision) fuses, through :class:`ray_mff.fusion.model_fuser.ModelFuser`:
 
 - the 20 Lytro pairs (520 x 520 colour),
 - a subset of stack_v4 (1600 x 1200 colour; every ``65 // N``-th image, ``--v4-images N``,
   default 9, spanning the whole focus range), calibrated N-image fusion.
 
 Throughput is *source* megapixels per second (H x W x N / wall time), so pairs and stacks
-compare. Configurations run in rounds (``--rounds``) and the best round counts, which damps the
-noise of a shared machine; the ratio against torch eager (the reference) comes from the same run.
+compare. Timing runs all configurations in one process, *interleaved* stack by stack, for
+``--rounds`` rounds, keeping each stack's best time: on a shared machine the load changes by the
+minute, and interleaving exposes every engine to the same load (the ratio against torch eager,
+the reference, comes from the same run). Peak resident memory (``ru_maxrss``) is measured
+separately, one subprocess per configuration running the same workload, so it is its own.
 
     .venv/bin/python bench/engines.py                 # all engines available here
     .venv/bin/python bench/engines.py --lytro-pairs 5 --v4-images 5 --rounds 2
@@ -83,14 +84,57 @@ def worker(engine: str, precision: str, model: str, lytro_pairs: int, v4_images:
     return out
 
 
+def interleaved_timing(configs, args) -> dict:
+    """All configurations in this process; per round, every stack is fused by each engine in turn;
+    each stack's best time over the rounds counts."""
+    import torch
+
+    from ray_mff.engines import make_engine
+    from ray_mff.fusion.model_fuser import ModelFuser
+    from ray_mff.models import default_weights_path, get_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = "default" if default_weights_path(args.model).is_file() else None
+    torch.manual_seed(0)
+    net = get_model(args.model, weights=weights)
+    sets = _load(args.lytro_pairs, args.v4_images)
+    fusers = {}
+    for eng, prec in configs:
+        fusers[(eng, prec)] = ModelFuser(make_engine(args.model, engine=eng, precision=prec, model=net,
+                                                     threads=args.threads))
+        first = next(iter(sets.values()))[0]
+        fusers[(eng, prec)].fuse([img[:128, :128] for img in first])  # warm-up
+    times = {(c, name, i): float("inf") for c in fusers for name, st in sets.items() for i in range(len(st))}
+    for r in range(args.rounds):
+        for name, stacks in sets.items():
+            for i, images in enumerate(stacks):
+                for c, fuser in fusers.items():
+                    t0 = time.perf_counter()
+                    fuser.fuse(images)
+                    times[(c, name, i)] = min(times[(c, name, i)], time.perf_counter() - t0)
+        print(f"timing round {r + 1} done", file=sys.stderr)
+    out = {}
+    for c, fuser in fusers.items():
+        rec = {"engine": fuser.engine.name, "precision": fuser.engine.precision,
+               "weights": "shipped" if weights else "random", "sets": {}}
+        for name, stacks in sets.items():
+            secs = sum(times[(c, name, i)] for i in range(len(stacks)))
+            mp = sum(s[0].shape[0] * s[0].shape[1] * len(s) / 1e6 for s in stacks)
+            rec["sets"][name] = {"seconds": secs, "source_mp": mp, "stacks": len(stacks), "n": len(stacks[0])}
+        out[c] = rec
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cascade")
     p.add_argument("--lytro-pairs", type=int, default=20)
     p.add_argument("--v4-images", type=int, default=9)
-    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for every engine (default: all CPUs)")
     p.add_argument("--configs", default=None, help="comma list like torch:fp32,onnx:fp32 (default: all available)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "PRECISION"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -113,27 +157,19 @@ def main(argv=None) -> int:
             runnable.append((eng, prec))
         except EngineUnavailableError as err:
             skipped.append(f"{eng} {prec}: {err}")
-    best: dict = {}
-    for r in range(args.rounds):
-        for eng, prec in runnable:
+    best = interleaved_timing(runnable, args)
+    if not args.no_memory:
+        for eng, prec in list(best):
             cmd = [sys.executable, __file__, "--worker", eng, prec, "--model", args.model,
                    "--lytro-pairs", str(args.lytro_pairs), "--v4-images", str(args.v4_images)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             if res.returncode != 0:
-                skipped.append(f"{eng} {prec}: failed: {res.stderr.strip().splitlines()[-1:]}")
+                skipped.append(f"{eng} {prec}: memory run failed: {res.stderr.strip().splitlines()[-1:]}")
                 continue
-            rec = json.loads(res.stdout.strip().splitlines()[-1])
-            prev = best.get((eng, prec))
-            if prev is None:
-                best[(eng, prec)] = rec
-            else:
-                for name, s in rec["sets"].items():
-                    if s["seconds"] < prev["sets"][name]["seconds"]:
-                        prev["sets"][name] = s
-                prev["peak_rss_mb"] = max(prev["peak_rss_mb"], rec["peak_rss_mb"])
-            print(f"round {r + 1}: {eng} {prec} done", file=sys.stderr)
+            best[(eng, prec)]["peak_rss_mb"] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            print(f"memory: {eng} {prec} done", file=sys.stderr)
 
     torch_ref = best.get(("torch", "fp32"))
     rows = []
@@ -144,7 +180,7 @@ def main(argv=None) -> int:
             if torch_ref and name in torch_ref["sets"]:
                 t = torch_ref["sets"][name]
                 ratio = mps / (t["source_mp"] / t["seconds"])
-            rows.append((rec["engine"], prec, name, f"{s['stacks']}x{s['n']}", mps, ratio, rec["peak_rss_mb"]))
+            rows.append((rec["engine"], prec, name, f"{s['stacks']}x{s['n']}", mps, ratio, rec.get("peak_rss_mb")))
     any_rec = next(iter(best.values()), None)
     print(f"model {args.model} ({any_rec['weights'] if any_rec else '?'} weights), {os.cpu_count()} CPUs, "
           f"threads {args.threads or 'all'}, best of {args.rounds} round(s)")
@@ -152,7 +188,7 @@ def main(argv=None) -> int:
     print("  ".join(f"{h:>12s}" for h in header))
     for e, pr, name, sn, mps, ratio, rss in rows:
         print("  ".join([f"{e:>12s}", f"{pr:>12s}", f"{name:>12s}", f"{sn:>12s}", f"{mps:12.3f}",
-                         f"{'-' if ratio is None else f'{ratio:.2f}x':>12s}", f"{rss:12.0f}"]))
+                         f"{'-' if ratio is None else f'{ratio:.2f}x':>12s}", f"{'-' if rss is None else f'{rss:.0f}':>12s}"]))
     for s in skipped:
         print(f"skipped {s}")
     if torch_ref and ("onnx", "fp32") in best:
