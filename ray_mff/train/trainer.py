@@ -263,6 +263,9 @@ def run_training(config: dict) -> dict:
     from ray_mff.train.synthetic_pairs import list_images
 
     cfg = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None or k in ("export",)}}
+    if cfg.get("init_weights") and "://" not in str(cfg["init_weights"]):
+        # workers run in their own working directory: hand them an absolute path
+        cfg["init_weights"] = os.path.abspath(cfg["init_weights"])
     uris = list_images(cfg["data"], s3_endpoint=cfg["s3_endpoint"])
     if not uris:
         raise FileNotFoundError(f"{cfg['data']}: no training images")
