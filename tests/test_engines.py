@@ -56,6 +56,10 @@ def test_auto_falls_back_to_onnxruntime_cuda_then_cpu_and_says_why():
     c = select_engine("auto", _env())
     assert (c.kind, c.providers) == ("onnx", ["CPUExecutionProvider"])
     assert "onnxruntime-gpu" in c.explain()
+    # CPU-only torch + onnxruntime-gpu: let ONNX Runtime try CUDA (its session reports the truth)
+    env = _env(ort_cuda=True)
+    env.cuda_missing = "torch is a CPU-only build (torch.version.cuda is None), so no CUDA device is usable"
+    assert select_engine("auto", env).providers[0] == "CUDAExecutionProvider"
 
 
 def test_named_tensorrt_without_tensorrt_or_cuda_raises_one_line():

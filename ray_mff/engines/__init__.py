@@ -96,6 +96,9 @@ def select_engine(requested: str, env: EngineEnvironment) -> EngineChoice:
         raise ValueError(f"engine must be one of {', '.join(ENGINE_CHOICES)}, got {requested!r}")
     cuda_ok = env.cuda_device is not None
     ort_cuda = "CUDAExecutionProvider" in env.ort_providers
+    # a CPU-only torch cannot tell whether a GPU is there; onnxruntime-gpu can use it regardless, and
+    # its session reports (and the engine logs) a fall back to CPU if there is none
+    ort_cuda_ok = ort_cuda and (cuda_ok or "CPU-only" in (env.cuda_missing or ""))
     if requested == "torch":
         return EngineChoice("torch")
     if requested == "tensorrt":
@@ -107,7 +110,7 @@ def select_engine(requested: str, env: EngineEnvironment) -> EngineChoice:
     if requested == "onnx":
         if env.ort_missing:
             raise EngineUnavailableError("onnxruntime", env.ort_missing)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if (ort_cuda and cuda_ok) else ["CPUExecutionProvider"]
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if ort_cuda_ok else ["CPUExecutionProvider"]
         return EngineChoice("onnx", providers)
     # auto
     fallbacks = []
@@ -120,7 +123,7 @@ def select_engine(requested: str, env: EngineEnvironment) -> EngineChoice:
     if env.ort_missing:
         fallbacks.append(f"not ONNX Runtime: {env.ort_missing}")
         return EngineChoice("torch", fallbacks=fallbacks)
-    if ort_cuda and cuda_ok:
+    if ort_cuda_ok:
         return EngineChoice("onnx", ["CUDAExecutionProvider", "CPUExecutionProvider"], fallbacks)
     fallbacks.append("not ONNX Runtime CUDA: " + (
         "this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)" if not ort_cuda else env.cuda_missing))
