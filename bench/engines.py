@@ -48,6 +48,16 @@ def _load(lytro_pairs: int, v4_images: int):
     return sets
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ``ru_maxrss``: Linux carries a forking
+    parent's high-water mark into the child, so a child of a big parent would report the parent's."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(engine: str, precision: str, model: str, lytro_pairs: int, v4_images: int, threads: int | None) -> dict:
     """Run in a subprocess: build the engine, fuse every set, report timings and peak RSS."""
     import torch
@@ -62,7 +72,7 @@ def worker(engine: str, precision: str, model: str, lytro_pairs: int, v4_images:
     torch.manual_seed(0)
     net = get_model(model, weights=weights)
     sets = _load(lytro_pairs, v4_images)
-    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_data = peak_rss_mb()
     t0 = time.perf_counter()
     eng = make_engine(model, engine=engine, precision=precision, model=net, threads=threads)
     setup = time.perf_counter() - t0
@@ -80,7 +90,7 @@ def worker(engine: str, precision: str, model: str, lytro_pairs: int, v4_images:
             mp += h * w * len(images) / 1e6
         out["sets"][name] = {"seconds": time.perf_counter() - t, "source_mp": mp, "stacks": len(stacks),
                              "n": len(stacks[0]), "shape": list(stacks[0][0].shape)}
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -157,9 +167,9 @@ def main(argv=None) -> int:
             runnable.append((eng, prec))
         except EngineUnavailableError as err:
             skipped.append(f"{eng} {prec}: {err}")
-    best = interleaved_timing(runnable, args)
-    if not args.no_memory:
-        for eng, prec in list(best):
+    peaks = {}
+    if not args.no_memory:  # first, while this process is small
+        for eng, prec in runnable:
             cmd = [sys.executable, __file__, "--worker", eng, prec, "--model", args.model,
                    "--lytro-pairs", str(args.lytro_pairs), "--v4-images", str(args.v4_images)]
             if args.threads:
@@ -168,8 +178,11 @@ def main(argv=None) -> int:
             if res.returncode != 0:
                 skipped.append(f"{eng} {prec}: memory run failed: {res.stderr.strip().splitlines()[-1:]}")
                 continue
-            best[(eng, prec)]["peak_rss_mb"] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+            peaks[(eng, prec)] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
             print(f"memory: {eng} {prec} done", file=sys.stderr)
+    best = interleaved_timing(runnable, args)
+    for c, rec in best.items():
+        rec["peak_rss_mb"] = peaks.get(c)
 
     torch_ref = best.get(("torch", "fp32"))
     rows = []

@@ -30,6 +30,15 @@ sys.path.insert(0, str(REPO))
 GIB = 1 << 30
 
 
+def peak_rss() -> int:
+    """Peak resident bytes of this process (VmHWM; see bench/engines.py for why not ru_maxrss)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def synthetic_stack(size: int, n: int = 3, seed: int = 0, block: int = 1000) -> list[np.ndarray]:
     """(size, size, 3) uint16 sources of one textured scene; source k is sharp inside ring k of a
     set of concentric rings (focus depth varies with the distance to the centre) and defocused
@@ -77,7 +86,7 @@ def run_huge(args) -> dict:
     t0 = time.perf_counter()
     images = synthetic_stack(args.size, 3)
     gen = time.perf_counter() - t0
-    rss_sources = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_sources = peak_rss()
     fuser = _fuser(args.model, args.tile_size, args.engine)
     placeholder = None
     if args.strip_rows:
@@ -89,7 +98,7 @@ def run_huge(args) -> dict:
     t1 = time.perf_counter()
     result = fuser.fuse(images)
     seconds = time.perf_counter() - t1
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     del placeholder
     return {"size": args.size, "n": 3, "dtype": "uint16", "generate_s": gen, "fuse_s": seconds,
             "fused_rows": images[0].shape[0], "tiles": result.stats.get("tiles"), "engine": result.stats.get("engine"),
