@@ -10,7 +10,7 @@ Throughput is *source* megapixels per second (H x W x N / wall time), so pairs a
 compare. Timing runs all configurations in one process, *interleaved* stack by stack, for
 ``--rounds`` rounds, keeping each stack's best time: on a shared machine the load changes by the
 minute, and interleaving exposes every engine to the same load (the ratio against torch eager,
-the reference, comes from the same run). Peak resident memory (``ru_maxrss``) is measured
+the reference, comes from the same run). Peak resident memory (VmHWM) is measured
 separately, one subprocess per configuration running the same workload, so it is its own.
 
     .venv/bin/python bench/engines.py                 # all engines available here

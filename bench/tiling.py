@@ -2,7 +2,7 @@
 
 1. ``--huge``: a synthetic 12000 x 12000 3-image uint16 RGB focus stack (864 MB per image) is
    generated block by block and fused by ``get_fuser(<model>)`` (ONNX Runtime, tiles of
-   ``--tile-size``) in a subprocess whose peak resident memory (``ru_maxrss``) is reported
+   ``--tile-size``) in a subprocess whose peak resident memory (VmHWM) is reported
    against the 6 GiB bound.
 2. ``--crop``: a ``--crop-size`` square (default 3000) of the same scene is fused whole and tiled;
    prints the max difference in 8-bit grey levels (16-bit values / 257) and how many pixels
