@@ -80,3 +80,15 @@ def fuse_with_weights(images: Sequence[np.ndarray], weights: np.ndarray) -> np.n
         np.clip(acc, 0 if dtype.kind == "u" else np.iinfo(dtype).min, dtype_max(dtype), out=acc)
         return acc.astype(dtype)
     return acc.astype(dtype, copy=False)
+
+
+def check_stack(images: Sequence[np.ndarray]) -> None:
+    """Raise ValueError unless ``images`` holds N >= 2 arrays of one shape and dtype."""
+    if len(images) < 2:
+        raise ValueError(f"fusion needs N >= 2 images, got {len(images)}")
+    first = images[0]
+    for n, img in enumerate(images):
+        if img.shape != first.shape or img.dtype != first.dtype:
+            raise ValueError(f"image {n} is {img.shape} {img.dtype}, image 0 is {first.shape} {first.dtype}")
+        if img.ndim not in (2, 3):
+            raise ValueError(f"image {n} must be (H, W) or (H, W, C), got {img.shape}")

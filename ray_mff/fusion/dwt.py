@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pywt
 
-from ray_mff.fusion.guided import check_stack
+from ray_mff.fusion.decision import check_stack
 from ray_mff.fusion.luminance import dtype_max, luminance
 from ray_mff.fusion.result import FusionResult
 

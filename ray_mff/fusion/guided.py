@@ -19,22 +19,10 @@ import cv2
 import numpy as np
 
 from ray_mff.fusion.consistency import verify_index_map
-from ray_mff.fusion.decision import fuse_with_weights
+from ray_mff.fusion.decision import check_stack, fuse_with_weights
 from ray_mff.fusion.focus_measure import FOCUS_MEASURES
 from ray_mff.fusion.luminance import luminance
 from ray_mff.fusion.result import FusionResult
-
-
-def check_stack(images: Sequence[np.ndarray]) -> None:
-    """Raise ValueError unless ``images`` holds N >= 2 arrays of one shape and dtype."""
-    if len(images) < 2:
-        raise ValueError(f"fusion needs N >= 2 images, got {len(images)}")
-    first = images[0]
-    for n, img in enumerate(images):
-        if img.shape != first.shape or img.dtype != first.dtype:
-            raise ValueError(f"image {n} is {img.shape} {img.dtype}, image 0 is {first.shape} {first.dtype}")
-        if img.ndim not in (2, 3):
-            raise ValueError(f"image {n} must be (H, W) or (H, W, C), got {img.shape}")
 
 
 def focus_index_map(

@@ -38,20 +38,9 @@ import numpy as np
 
 from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple
 from ray_mff.fusion.calibration import DecisionCalibrator, tie_break_measure
-from ray_mff.fusion.decision import fuse_with_weights, one_hot
+from ray_mff.fusion.decision import check_stack, fuse_with_weights, one_hot
 from ray_mff.fusion.luminance import from_unit_float, luminance, to_unit_float
 from ray_mff.fusion.result import FusionResult
-
-
-def _check_stack(images: Sequence[np.ndarray]) -> None:
-    if len(images) < 2:
-        raise ValueError(f"fusion needs N >= 2 images, got {len(images)}")
-    first = images[0]
-    for n, img in enumerate(images):
-        if img.shape != first.shape or img.dtype != first.dtype:
-            raise ValueError(f"image {n} is {img.shape} {img.dtype}, image 0 is {first.shape} {first.dtype}")
-        if img.ndim not in (2, 3):
-            raise ValueError(f"image {n} must be (H, W) or (H, W, C), got {img.shape}")
 
 
 class ModelFuser:
@@ -159,7 +148,7 @@ class ModelFuser:
 
     def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
         """N >= 2 registered images (H, W) or (H, W, C), one dtype -> FusionResult (weights (H, W, N))."""
-        _check_stack(images)
+        check_stack(images)
         t0 = time.perf_counter()
         n = len(images)
         h, w = images[0].shape[:2]
