@@ -258,7 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list fusion methods and models")
     p.set_defaults(func=cmd_methods)
 
-    _add_optional_commands(sub)
+    from ray_mff.export import add_export_arguments, cmd_export
+    from ray_mff.train.trainer import add_train_arguments, cmd_train
+
+    p = sub.add_parser("train", help="train a fusion model with Ray Train")
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a model to ONNX (and TensorRT engines on GPU nodes)")
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -269,26 +278,6 @@ def cmd_methods(args) -> int:
         kind = "classical" if name in CLASSICAL_METHODS else "learned"
         print(f"{name:10s} {kind}{'  (default)' if name == default_method() else ''}")
     return 0
-
-
-def _add_optional_commands(sub) -> None:
-    """Commands whose modules pull in heavier dependencies register themselves here."""
-    try:
-        from ray_mff.train.trainer import add_train_arguments, cmd_train
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("train", help="train a fusion model with Ray Train")
-        add_train_arguments(p)
-        p.set_defaults(func=cmd_train)
-    try:
-        from ray_mff.export import add_export_arguments, cmd_export
-    except ImportError:
-        pass
-    else:
-        p = sub.add_parser("export", help="export a model to ONNX (and TensorRT engines on GPU nodes)")
-        add_export_arguments(p)
-        p.set_defaults(func=cmd_export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
