@@ -1,4 +1,4 @@
-"""Tiling: partition of unity, crops within the tile budget, tiled == untiled for local fusers."""
+"""Tiling: partition of unity, crops within the tile budget, tiled == untiled (local fusers and cascade)."""
 from __future__ import annotations
 
 import numpy as np
