@@ -69,6 +69,9 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
                    help="stacks of >2 images: decision calibration (on) or serial pair-by-pair fusion (off)")
     p.add_argument("--pattern", default=None,
                    help="regex with named groups 'stack' and 'index' matching file names in a flat folder")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="fuse images with a side over twice this in tiles of this many pixels "
+                        "(default: 1024 for learned models; 0 = never tile)")
     p.add_argument("--format", dest="output_format", default=None, choices=["png", "tif", "jpg"],
                    help="output format (default: PNG for 8-bit, TIFF for 16-bit/float/multichannel)")
     p.add_argument("--force", action="store_true", help="fuse again stacks that already have an output")
@@ -94,8 +97,11 @@ def fuser_spec_from_args(args) -> dict:
     """Everything needed to build the fuser again inside a Ray actor."""
     from ray_mff.methods import default_method
 
-    return {"name": args.method or default_method(), "engine": args.engine, "precision": args.precision,
+    spec = {"name": args.method or default_method(), "engine": args.engine, "precision": args.precision,
             "calibration": args.calibration == "on"}
+    if args.tile_size is not None:
+        spec["tile_size"] = args.tile_size
+    return spec
 
 
 def run_options_from_args(args):

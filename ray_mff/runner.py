@@ -115,14 +115,19 @@ def _base_row(stack: Stack, fuser_name: str) -> dict:
     return row
 
 
-def _decision_map_image(result: FusionResult) -> np.ndarray | None:
-    """8-bit picture of the decision: D for pairs, the source index scaled to 0..255 otherwise."""
-    if result.weights is None:
-        return None
-    n = result.weights.shape[-1]
-    if n == 2:
+def _decision_map_image(result: FusionResult, n: int) -> np.ndarray | None:
+    """8-bit picture of the decision: D for pairs, the source index scaled to 0..255 otherwise.
+
+    Huge tiled results carry only the index map (no (H, W, N) weights); pairs then show it too.
+    """
+    if result.weights is not None and n == 2:
         return np.clip(np.rint(result.weights[..., 0] * 255), 0, 255).astype(np.uint8)
-    return np.rint(result.index_map.astype(np.float32) * (255.0 / (n - 1))).astype(np.uint8)
+    index = result.index_map
+    if index is None:
+        return None
+    if n == 2:  # index 0 = first source in focus, shown white like D = 1
+        return np.where(index == 0, 255, 0).astype(np.uint8)
+    return np.rint(index.astype(np.float32) * (255.0 / (n - 1))).astype(np.uint8)
 
 
 def _score(images: list[np.ndarray], fused: np.ndarray, opts: RunOptions) -> dict:
@@ -163,7 +168,7 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
                        engine=result.stats.get("engine"), precision=result.stats.get("precision"),
                        calibration=result.stats.get("calibration"))
             if opts.save_decision_maps:
-                dmap = _decision_map_image(result)
+                dmap = _decision_map_image(result, len(images))
                 if dmap is not None:
                     dm_uri = storage.join_uri(output_root, DECISION_MAP_DIR, f"{stack.id}.png")
                     io.write_image(dm_uri, dmap)
