@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report_table import format_table  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 from ray_mff import io, metrics  # noqa: E402
 from ray_mff.methods import get_fuser  # noqa: E402
 from ray_mff.stacks import discover_stacks  # noqa: E402
@@ -79,10 +80,7 @@ def main(argv=None) -> int:
     lines = [[r["stack"], str(r["n"]), r["size"], f"{r['serial_s']:.2f}", f"{r['calibrated_s']:.2f}",
               f"{r['speedup']:.2f}x", f"{r['qg_serial']:.4f}", f"{r['qg_calibrated']:.4f}",
               f"{r['qg_calibrated'] - r['qg_serial']:+.4f}"] for r in rows]
-    widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for ln in lines:
-        print("  ".join(v.ljust(w) for v, w in zip(ln, widths)))
+    print(format_table(head, lines))
     worst_speed = min(r["speedup"] for r in rows)
     worst_dq = min(r["qg_calibrated"] - r["qg_serial"] for r in rows)
     ok = worst_speed >= 1.3 and worst_dq >= -0.005

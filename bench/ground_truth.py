@@ -26,6 +26,7 @@ from skimage.metrics import structural_similarity
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report_table import format_table  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 from ray_mff import io  # noqa: E402
 from ray_mff.methods import get_fuser, list_methods  # noqa: E402
 from ray_mff.synthetic import render_focus_stack  # noqa: E402
@@ -124,16 +125,7 @@ def _print(rows: list[dict], markdown: bool) -> None:
     head = ["method", "N", "PSNR dB", "SSIM", "PSNR@boundary", "SSIM@boundary", "sec/stack"]
     lines = [[r["method"], str(r["n"]), f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['psnr_b']:.2f}",
               f"{r['ssim_b']:.4f}", f"{r['sec']:.3f}"] for r in rows]
-    if markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for ln in lines:
-            print("| " + " | ".join(ln) + " |")
-        return
-    widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    for ln in lines:
-        print("  ".join(v.ljust(w) for v, w in zip(ln, widths)))
+    print(format_table(head, lines, markdown))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report_table import format_table  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 from ray_mff import io, metrics  # noqa: E402
 from ray_mff.methods import get_fuser, list_methods  # noqa: E402
 from ray_mff.stacks import discover_stacks  # noqa: E402
@@ -75,7 +76,7 @@ def run_method(name: str, sets: dict, engine: str) -> dict:
     return row
 
 
-def format_table(rows: list[dict], markdown: bool = False) -> str:
+def methods_table(rows: list[dict], markdown: bool = False) -> str:
     keys = [k for k in ("pairs", "triples") if any(k in r for r in rows)]
     base = {k: next((r[k]["mp_s"] for r in rows if r["method"] == BASELINE and k in r), None) for k in keys}
     head = ["method", "engine"]
@@ -95,14 +96,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
             ln += [f"{v['q_g']:.4f}", f"{v['q_y']:.4f}", f"{v['q_mi']:.4f}", f"{v['q_cb']:.4f}", f"{v['mp_s']:.2f}",
                    f"{ratio:.2f}"]
         lines.append(ln)
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        out += ["| " + " | ".join(ln) + " |" for ln in lines]
-        return "\n".join(out)
-    widths = [max(len(h), *(len(ln[i]) for ln in lines)) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(ln, widths)) for ln in lines]
-    return "\n".join(out)
+    return format_table(head, lines, markdown)
 
 
 def main(argv=None) -> int:
@@ -129,7 +123,7 @@ def main(argv=None) -> int:
         merged.update({r["method"]: r for r in rows})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(list(merged.values()), indent=2))
-    print(format_table(rows, args.markdown))
+    print(methods_table(rows, args.markdown))
     return 0
 
 
