@@ -38,7 +38,7 @@ import numpy as np
 
 from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple
 from ray_mff.fusion.calibration import DecisionCalibrator, tie_break_measure
-from ray_mff.fusion.decision import check_stack, fuse_with_weights, one_hot
+from ray_mff.fusion.decision import check_stack, fuse_with_weights
 from ray_mff.fusion.luminance import from_unit_float, luminance, to_unit_float
 from ray_mff.fusion.result import FusionResult
 
@@ -184,8 +184,3 @@ class ModelFuser:
             "seconds": time.perf_counter() - t0,
         }
         return FusionResult(fused=fused, weights=weights, method=self.name, stats=stats)
-
-
-def hard_weights(weights: np.ndarray) -> np.ndarray:
-    """(H, W, N) soft weights -> one-hot of their argmax (for index-map style outputs)."""
-    return one_hot(np.argmax(weights, axis=-1), weights.shape[-1])

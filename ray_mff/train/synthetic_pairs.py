@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -198,20 +198,3 @@ def make_batch(images: Sequence[np.ndarray], rng: np.random.Generator, patch: in
     """One pair per image -> ``y_a``, ``y_b``, ``mask`` as (B, 1, patch, patch) float32 arrays."""
     pairs = [make_pair(img, rng, patch) for img in images]
     return {k: np.stack([p[k] for p in pairs])[:, None] for k in ("y_a", "y_b", "mask")}
-
-
-def iter_pairs(root: str = DEFAULT_TRAIN_ROOT, *, seed: int = 0, patch: int = 128, colour: bool = False,
-               s3_endpoint: str | None = None) -> Iterator[dict]:
-    """Endless reproducible stream of pairs from every image under ``root`` (folder or s3:// prefix)."""
-    from ray_mff.io import read_image
-
-    uris = list_images(root, s3_endpoint=s3_endpoint)
-    if not uris:
-        raise FileNotFoundError(f"{root}: no images to make training pairs from")
-    cache: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(seed)
-    while True:
-        uri = uris[int(rng.integers(len(uris)))]
-        if uri not in cache:
-            cache[uri] = read_image(uri, s3_endpoint=s3_endpoint)
-        yield make_pair(cache[uri], rng, patch, colour=colour)
