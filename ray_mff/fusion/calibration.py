@@ -21,6 +21,16 @@ and the choice is ``argmax_k score_k`` (``mode="argmax"``: one-hot weights, no b
 differently focused images) or ``softmax(score / temperature)`` (``mode="softmax"``: soft weights).
 Both are computed in one streaming pass (:class:`DecisionCalibrator`), so a 65-image stack never
 holds more than one decision map and the running best in memory.
+
+A hard argmax is discontinuous where two images score the same: a rounding difference of 1e-7
+(e.g. the same pixel computed in another tile, or by another engine) can switch the chosen source
+and change the fused value by tens of grey levels. So the argmax is made continuous near ties:
+where the best two scores are closer than ``tie_margin`` (0.05, about 0.5 % of the score range),
+their weights move linearly from 50/50 at an exact tie to one-hot at the margin,
+
+    w_best = 1/2 + (s_1 - s_2) / (2 tie_margin),   w_second = 1 - w_best.
+
+Only near-tied pixels are affected, and they blend two images the network rates as equally sharp.
 """
 from __future__ import annotations
 
@@ -34,6 +44,8 @@ from ray_mff.fusion.focus_measure import laplacian_energy
 EPS = 1e-4
 #: scale of the focus measure inside the log (the energy of the Laplacian of a [0, 1] image)
 M0 = 1e-4
+#: score gap below which the argmax blends the best two images (see the module docstring)
+TIE_MARGIN = 0.05
 
 
 def relative_scores(d: np.ndarray, eps: float = EPS) -> np.ndarray:
@@ -65,15 +77,19 @@ class DecisionCalibrator:
     """
 
     def __init__(self, n: int, reference: int, shape: tuple[int, int], *, mode: str = "argmax",
-                 temperature: float = 1.0, beta: float = 0.25, eps: float = EPS):
+                 temperature: float = 1.0, beta: float = 0.25, eps: float = EPS, tie_margin: float = TIE_MARGIN):
         if mode not in ("argmax", "softmax"):
             raise ValueError(f"mode must be 'argmax' or 'softmax', got {mode!r}")
         if not 0 <= reference < n:
             raise ValueError(f"reference {reference} outside [0, {n})")
         self.n, self.reference, self.shape = n, reference, tuple(shape)
         self.mode, self.temperature, self.beta, self.eps = mode, float(temperature), float(beta), eps
+        self.tie_margin = float(tie_margin)
         self.best = np.full(self.shape, -np.inf, np.float32)
         self.index = np.zeros(self.shape, np.uint16)
+        # runner-up score and index, for the continuous argmax near ties
+        self.second = np.full(self.shape, -np.inf, np.float32)
+        self.second_index = np.zeros(self.shape, np.uint16)
         self.scores = np.zeros(self.shape + (n,), np.float32) if mode == "softmax" else None
         self._seen: set[int] = set()
 
@@ -82,6 +98,11 @@ class DecisionCalibrator:
             raise ValueError(f"image {k} added twice")
         self._seen.add(k)
         better = score > self.best
+        # the runner-up is the old best where k wins, else the larger of the old runner-up and k
+        runner = np.where(better, self.best, np.maximum(self.second, score))
+        self.second_index = np.where(better, self.index, np.where(score > self.second, np.uint16(k),
+                                                                      self.second_index)).astype(np.uint16)
+        self.second = runner.astype(np.float32)
         self.index[better] = k
         np.maximum(self.best, score, out=self.best)
         if self.scores is not None:
@@ -109,11 +130,17 @@ class DecisionCalibrator:
         return self.index
 
     def weights(self) -> np.ndarray:
-        """(H, W, N) float32 weights summing to 1: one-hot (argmax) or softmax of the scores."""
+        """(H, W, N) float32 weights summing to 1: argmax (one-hot, continuous near ties) or softmax."""
         self._check()
         if self.mode == "argmax":
             out = np.zeros(self.shape + (self.n,), np.float32)
-            np.put_along_axis(out, self.index[..., None].astype(np.intp), 1.0, axis=2)
+            if self.tie_margin > 0:
+                gap = np.nan_to_num(self.best - self.second, nan=np.inf, posinf=np.inf)
+                w_best = np.minimum(1.0, 0.5 + gap / (2.0 * self.tie_margin)).astype(np.float32)
+            else:
+                w_best = np.ones(self.shape, np.float32)
+            np.put_along_axis(out, self.second_index[..., None].astype(np.intp), (1.0 - w_best)[..., None], axis=2)
+            np.put_along_axis(out, self.index[..., None].astype(np.intp), w_best[..., None], axis=2)
             return out
         z = (self.scores - self.best[..., None]) / self.temperature
         np.exp(z, out=z)
