@@ -124,6 +124,12 @@ def _export_fp32(model, out_dir: Path, opset: int) -> tuple[Path, Path]:
     with torch.no_grad():
         feats = model.encode(y)
     axes = {0: "batch", 2: "height", 3: "width"}
+    # features may be smaller than the image (cascade: half resolution): their own axis names, or
+    # ONNX would declare them equal to the image's
+    same_size = tuple(feats.shape[-2:]) == tuple(y.shape[-2:])
+    feat_axes = axes if same_size else {0: "batch", 2: "feat_height", 3: "feat_width"}
+    dyn = {"y": axes, "y_a": axes, "y_b": axes, "decision": axes,
+           "feats": feat_axes, "feats_a": feat_axes, "feats_b": feat_axes}
     encoder, decider = out_dir / ENCODER_FILE, out_dir / DECIDER_FILE
     with warnings.catch_warnings(), torch.no_grad():
         # the TorchScript exporter is deprecated in favour of dynamo (which needs onnxscript, not a
@@ -131,12 +137,26 @@ def _export_fp32(model, out_dir: Path, opset: int) -> tuple[Path, Path]:
         warnings.simplefilter("ignore")
         torch.onnx.export(enc, (y,), str(encoder), dynamo=False, opset_version=opset,
                           input_names=list(ENCODER_INPUTS), output_names=list(ENCODER_OUTPUTS),
-                          dynamic_axes={n: axes for n in ENCODER_INPUTS + ENCODER_OUTPUTS})
+                          dynamic_axes={n: dyn[n] for n in ENCODER_INPUTS + ENCODER_OUTPUTS})
         torch.onnx.export(dec, (feats[:1], feats[1:], y[:1], y[1:]), str(decider), dynamo=False,
                           opset_version=opset, input_names=list(DECIDER_INPUTS),
                           output_names=list(DECIDER_OUTPUTS),
-                          dynamic_axes={n: axes for n in DECIDER_INPUTS + DECIDER_OUTPUTS})
+                          dynamic_axes={n: dyn[n] for n in DECIDER_INPUTS + DECIDER_OUTPUTS})
+    _pin_channels(encoder, int(feats.shape[1]))
+    _pin_channels(decider, 1)
     return encoder, decider
+
+
+def _pin_channels(path: Path, channels: int) -> None:
+    """Write the (static) channel count into a graph's output shape where the exporter's shape
+    inference left a symbolic name (it does after a scalar parameter multiplies the output)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    dim = graph.graph.output[0].type.tensor_type.shape.dim[1]
+    if not dim.HasField("dim_value"):
+        dim.dim_value = channels
+        onnx.save(graph, str(path))
 
 
 def convert_to_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
@@ -205,7 +225,10 @@ def export_model(model, out_dir: str | os.PathLike, precision: str = "fp32", *, 
     import torch
 
     with torch.no_grad():
-        channels = int(model.encode(torch.zeros(1, 1, 8, 8)).shape[1])
+        s = max(1, int(getattr(model, "stride", 1)))
+        probe = model.encode(torch.zeros(1, 1, 16 * s, 16 * s))
+    channels = int(probe.shape[1])
+    downsample = max(1, (16 * s) // int(probe.shape[-1]))  # features per input pixel (cascade: 2)
     meta = {
         "model": name or getattr(model, "registry_name", type(model).__name__),
         "state_sha256": state_sha(model),
@@ -213,6 +236,7 @@ def export_model(model, out_dir: str | os.PathLike, precision: str = "fp32", *, 
         "io_dtype": "float32",
         "stride": int(getattr(model, "stride", 1)),
         "feature_channels": channels,
+        "feature_downsample": downsample,
         "opset": opset,
         "encoder_sha256": file_sha(encoder),
         "decider_sha256": file_sha(decider),

@@ -8,11 +8,11 @@ and runs it tile by tile:
 1. **Tiles.** Each axis is cut into *cores* at boundaries ``c_1 < c_2 < ...``. A tile's crop is its
    core, widened by ``feather / 2`` (the blend zone) plus ``margin`` (context that is computed and
    thrown away) on every side that is not the image border, with its origin rounded down to a
-   multiple of ``align``, and its length too (except at the image end), so strided layers (the
-   ``cascade`` context branch pools by 4 and upsamples back to the input size) see the same pixel
-   grid as in the whole image. ``margin`` must cover the receptive field of the network plus
-   the guided-filter radius (``cascade``: about 90 px), so that inside the blend zone a tile's
-   weights equal the untiled ones.
+   multiple of ``align``, and its length too (except at the image end), so strided layers
+   (``cascade`` samples its activities every 2 px and its context branch pools those by 4, a
+   stride of 8, then upsamples back) see the same pixel grid as in the whole image. ``margin``
+   must cover the receptive field of the network plus the guided-filter radius (``cascade``:
+   about 120 px), so that inside the blend zone a tile's weights equal the untiled ones.
 2. **Blend the weights, not the pixels.** Each tile's (h, w, N) decision weights are multiplied by
    a separable raised-cosine window that is 1 in the core and falls 1 -> 0 across the blend zone,
    where the neighbour's window rises 0 -> 1: the windows sum to exactly 1 everywhere (partition of
@@ -54,8 +54,10 @@ from ray_mff.fusion.result import FusionResult
 
 #: default tile side (pixels): ~1 MP crops keep the network's working set near 1 GB
 DEFAULT_TILE_SIZE = 1024
-#: default context margin: cascade's receptive field (~90 px) incl. its boundary guided filter
-DEFAULT_MARGIN = 96
+#: default context margin: cascade's receptive field (~120 px: a context branch at 1/8 resolution with
+#: dilations 1, 2, 4, plus its boundary guided filter); at 96 px tiled and untiled pairs differed by 2
+#: grey levels at a few pixels, at 128 px by at most 1
+DEFAULT_MARGIN = 128
 #: default blend-zone width
 DEFAULT_FEATHER = 32
 #: default alignment of tile origins (a multiple of every stride in the shipped networks)

@@ -319,13 +319,15 @@ def test_build_calls_profile_workspace_and_flags(model, tmp_path):
     trt = FakeTRT("10.9.0")
     prof = ShapeProfile(min_hw=(32, 32), opt_hw=(512, 512), max_hw=(1024, 1024), max_batch=4)
     out = build_engine_file(paths["decider"], tmp_path / "decider.plan", precision="fp16", profile=prof,
-                            feature_channels=paths["feature_channels"], workspace_bytes=1 << 30, trt=trt)
+                            feature_channels=paths["feature_channels"],
+                            feature_downsample=paths["feature_downsample"], workspace_bytes=1 << 30, trt=trt)
     assert out.read_bytes() == b"PLAN:feats_a,feats_b,y_a,y_b"
     c = paths["feature_channels"]
+    assert paths["feature_downsample"] == 2  # cascade encodes at half resolution
     assert ("create_network", 0) in trt.calls
     assert ("set_memory_pool_limit", "WORKSPACE", 1 << 30) in trt.calls
     assert ("set_flag", "FP16") in trt.calls
-    assert ("set_shape", "feats_a", (1, c, 32, 32), (2, c, 512, 512), (4, c, 1024, 1024)) in trt.calls
+    assert ("set_shape", "feats_a", (1, c, 16, 16), (2, c, 256, 256), (4, c, 512, 512)) in trt.calls
     assert ("set_shape", "y_b", (1, 1, 32, 32), (2, 1, 512, 512), (4, 1, 1024, 1024)) in trt.calls
     assert trt.calls[-1] == ("build_serialized_network",)
 

@@ -29,7 +29,7 @@ def test_cascade_shapes_any_size(small_net, hw):
         d, f = small_net(ya, yb)
         feats = small_net.encode(ya)
     assert d.shape == f.shape == (2, 1, *hw)
-    assert feats.shape == (2, 6, *hw)
+    assert feats.shape == (2, 6, -(-hw[0] // 2), -(-hw[1] // 2))  # activities at half resolution
     assert float(d.min()) >= 0.0 and float(d.max()) <= 1.0
     assert small_net.stride == 1
 
@@ -125,6 +125,21 @@ def test_calibration_picks_the_sharpest_source():
     assert (idx[:, :3] == 0).all() and (idx[:, 3:6] == 1).all() and (idx[:, 6:] == 2).all()
     soft = calibrate_decisions(np.stack([d_ref_vs_0, d_ref_vs_2], -1), 1, 3, mode="softmax")
     assert np.allclose(soft.sum(-1), 1, atol=1e-5) and (soft.argmax(-1) == idx).all()
+
+
+def test_calibration_argmax_is_continuous_near_ties():
+    # images 0 and 2 score almost the same against the reference: a 1e-6 change in a decision
+    # (a rounding difference between tiles or engines) must not flip the whole weight to the other
+    def weights(delta):
+        d0 = np.full((2, 2), 0.2, np.float32)
+        d2 = np.full((2, 2), 0.2 + delta, np.float32)
+        return calibrate_decisions([d0, d2], reference=1, n=3)
+
+    a, b = weights(1e-6), weights(-1e-6)
+    assert np.allclose(a.sum(-1), 1) and np.abs(a - b).max() < 1e-3
+    assert np.allclose(a[..., 0], 0.5, atol=1e-3) and np.allclose(a[..., 1], 0.0)
+    clear = weights(-0.1)  # image 2 clearly sharper: one-hot again
+    assert np.array_equal(clear[0, 0], np.array([0.0, 0.0, 1.0], np.float32))
 
 
 def test_calibration_breaks_saturated_ties_with_the_focus_measure():

@@ -166,7 +166,8 @@ def _tensorrt_engine(model, name: str, precision: str, max_tile: int):
     paths = cached_onnx(model, select_build_mode(trt, precision).onnx_precision, name=name)
     profile = ShapeProfile(max_hw=(max_tile, max_tile))
     plans = {g: cached_engine(paths[g], precision=precision, profile=profile,
-                              feature_channels=int(paths["feature_channels"])) for g in ("encoder", "decider")}
+                              feature_channels=int(paths["feature_channels"]),
+                              feature_downsample=int(paths.get("feature_downsample", 1))) for g in ("encoder", "decider")}
     return TensorRTEngine(plans["encoder"], plans["decider"], precision=precision,
                           stride=int(getattr(model, "stride", 1)), model_name=name)
 

@@ -71,13 +71,23 @@ class ShapeProfile:
         if tuple(self.opt_hw) > tuple(self.max_hw):
             object.__setattr__(self, "opt_hw", tuple(self.max_hw))
 
-    def input_shapes(self, graph: str, channels: int) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """``{input name: (min, opt, max)}`` NCHW shapes for graph ``encoder`` or ``decider``."""
+    def input_shapes(self, graph: str, channels: int, downsample: int = 1) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """``{input name: (min, opt, max)}`` NCHW shapes for graph ``encoder`` or ``decider``.
+
+        Feature inputs have ``channels`` channels and ``ceil(H / downsample)`` x ``ceil(W / downsample)``
+        pixels (the model's ``feature_downsample``; ``cascade`` encodes at half resolution).
+        """
+        def feats(hw):
+            return tuple(-(-int(v) // downsample) for v in hw)
+
         out = {}
         for name in GRAPH_INPUTS[graph]:
-            c = channels if name.startswith("feats") else 1
-            out[name] = ((self.min_batch, c, *self.min_hw), (self.opt_batch, c, *self.opt_hw),
-                         (self.max_batch, c, *self.max_hw))
+            if name.startswith("feats"):
+                out[name] = ((self.min_batch, channels, *feats(self.min_hw)), (self.opt_batch, channels, *feats(self.opt_hw)),
+                             (self.max_batch, channels, *feats(self.max_hw)))
+            else:
+                out[name] = ((self.min_batch, 1, *self.min_hw), (self.opt_batch, 1, *self.opt_hw),
+                             (self.max_batch, 1, *self.max_hw))
         return out
 
 
@@ -224,8 +234,8 @@ def _tensorrt():
 
 
 def build_engine_file(onnx_path: str | os.PathLike, out: str | os.PathLike, *, precision: str,
-                      profile: ShapeProfile, feature_channels: int, workspace_bytes: int = 2 << 30,
-                      timing_cache: str | os.PathLike | None = None, trt=None) -> Path:
+                      profile: ShapeProfile, feature_channels: int, feature_downsample: int = 1,
+                      workspace_bytes: int = 2 << 30, timing_cache: str | os.PathLike | None = None, trt=None) -> Path:
     """Build one graph (``encoder.onnx`` or ``decider.onnx``) into a plan file at ``out``.
 
     The graph kind is taken from the ONNX file name. With TensorRT 10 + fp16 pass the *fp32*
@@ -244,7 +254,7 @@ def build_engine_file(onnx_path: str | os.PathLike, out: str | os.PathLike, *, p
         cache_bytes = b""
     t0 = time.perf_counter()
     plan, new_cache = build_serialized_engine(trt, onnx_path.read_bytes(), mode=mode,
-                                              shapes=profile.input_shapes(graph, feature_channels),
+                                              shapes=profile.input_shapes(graph, feature_channels, feature_downsample),
                                               workspace_bytes=workspace_bytes, timing_cache=cache_bytes)
     storage.write_bytes_atomic(str(out), plan)
     if new_cache is not None and timing_cache is not None:
@@ -255,7 +265,7 @@ def build_engine_file(onnx_path: str | os.PathLike, out: str | os.PathLike, *, p
 
 
 def cached_engine(onnx_path: str | os.PathLike, *, precision: str, profile: ShapeProfile, feature_channels: int,
-                  workspace_bytes: int = 2 << 30, cache: str | None = None, trt=None, gpu: GpuInfo | None = None) -> bytes:
+                  feature_downsample: int = 1, workspace_bytes: int = 2 << 30, cache: str | None = None, trt=None, gpu: GpuInfo | None = None) -> bytes:
     """The serialized plan for ``onnx_path`` on this GPU, from the cache or built (and cached) now.
 
     ``onnx_path`` must be the graph that :func:`select_build_mode` asks for (``cached_onnx`` of
@@ -282,7 +292,7 @@ def cached_engine(onnx_path: str | os.PathLike, *, precision: str, profile: Shap
         if storage.exists(uri):
             return storage.read_bytes(uri)
         plan, _ = build_serialized_engine(trt, onnx_path.read_bytes(), mode=mode,
-                                          shapes=profile.input_shapes(graph, feature_channels),
+                                          shapes=profile.input_shapes(graph, feature_channels, feature_downsample),
                                           workspace_bytes=workspace_bytes)
         facts = {"onnx": str(onnx_path), "tensorrt": trt.__version__, "gpu": gpu.name,
                  "compute_capability": list(gpu.compute_capability), "profile": asdict(profile),
@@ -309,13 +319,15 @@ def build_plans(model_name: str, out_dir: str | os.PathLike, *, precision: str =
     plans = {}
     for graph in ("encoder", "decider"):
         plans[graph] = build_engine_file(onnx[graph], out_dir / f"{graph}.plan", precision=precision, profile=profile,
-                                         feature_channels=onnx["feature_channels"], workspace_bytes=workspace_bytes,
+                                         feature_channels=onnx["feature_channels"],
+                                         feature_downsample=onnx.get("feature_downsample", 1), workspace_bytes=workspace_bytes,
                                          timing_cache=timing_cache, trt=trt)
     gpu = current_gpu()
     facts = {"model": model_name, "precision": precision, "mode": asdict(mode), "tensorrt": trt.__version__,
              "gpu": gpu.name, "compute_capability": list(gpu.compute_capability), "profile": asdict(profile),
              "onnx": {g: {"path": str(onnx[g]), "sha256": file_sha(onnx[g])} for g in ("encoder", "decider")},
              "stride": onnx["stride"], "feature_channels": onnx["feature_channels"],
+             "feature_downsample": onnx.get("feature_downsample", 1),
              "onnx_verification": onnx.get("verification")}
     (out_dir / "plans.json").write_text(json.dumps(facts, indent=2))
     return {**plans, "onnx": onnx, "facts": facts}

@@ -11,13 +11,17 @@ arXiv 2010.08751 (GACN). A compact version sized to train on a CPU in minutes:
 2. **Activity comparison**: per-channel spatial frequency of the features over a local window
    (GACN Sec. 3.2, SF = mean of squared row/column differences), compared between the two sources
    as a normalised difference and made near-binary by a steep sigmoid with a learnt slope.
-   Steps 1 and the activity depend on one image: together they are :meth:`CascadeNet.encode`,
-   run once per image; everything after is :meth:`CascadeNet.decide`, run once per pair.
-3. **Decision head** with a wide receptive field (full-resolution dilated convolutions plus a
-   quarter-resolution context branch) so that flat, texture-less regions take the decision of the
-   focused edges around them, then CBAM spatial attention (Woo et al. 2018) and a 1x1 logit.
-   The head is evaluated on (compare, 1 - compare) and the two logits subtracted, which makes the
-   decision exactly antisymmetric: D(A, B) = 1 - D(B, A) (pairwise decisions of a stack agree).
+   Step 1 and the activity depend on one image: together they are :meth:`CascadeNet.encode`,
+   run once per image; everything after is :meth:`CascadeNet.decide`, run once per pair. The
+   activity, a 7x7 local mean, is kept at half resolution, so the per-pair path up to the
+   boundary filter runs on a quarter of the pixels.
+3. **Decision head**, light on purpose (GACN's balance: the encoder runs once per image and
+   carries the weight, the head runs once per pair, so decision calibration of an N-image stack
+   saves almost half the work of serial fusion). A thin path at the activities' resolution plus a
+   context branch at a quarter of it of dilated convolutions (flat, texture-less regions take the
+   decision of the focused edges around them), then CBAM spatial attention (Woo et al. 2018) and a
+   1x1 logit. The head is an odd function of the centred comparison, so the decision is exactly
+   antisymmetric, D(A, B) = 1 - D(B, A), in one pass (pairwise decisions of a stack agree).
 4. **Boundary-aware guided filter** (GACN Sec. 3.3; He et al. 2013, Alg. 1 with box filters):
    the near-binary map is guided-filtered with the initial fused luminance as guide, and the
    filtered value replaces the raw one only in a band around focus boundaries, so interiors stay
@@ -44,11 +48,17 @@ from ray_mff.models import register_model
 
 
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window, (B, C, H, W) -> same shape; borders average the valid pixels only."""
+    """Mean over a (2r+1)^2 window, (B, C, H, W) -> same shape; borders average the valid pixels only.
+
+    Separable (a row pass, then a column pass): 2 (2r+1) adds per pixel instead of (2r+1)^2. It is
+    exact at the borders too, because the valid part of a window is a rectangle, so the mean over
+    it is the mean over its valid rows of the means over its valid columns.
+    """
     if radius <= 0:
         return x
     k = 2 * radius + 1
-    return F.avg_pool2d(x, k, stride=1, padding=radius, count_include_pad=False)
+    x = F.avg_pool2d(x, (1, k), stride=1, padding=(0, radius), count_include_pad=False)
+    return F.avg_pool2d(x, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
@@ -62,14 +72,18 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     return box_filter(a, radius) * guide + box_filter(b, radius)  # steps 4-5
 
 
-def spatial_frequency(feats: torch.Tensor, radius: int) -> torch.Tensor:
-    """Per-channel local spatial frequency (B, C, H, W) -> (B, C, H, W) (GACN Sec. 3.2; Eskicioglu 1995).
+def spatial_frequency(feats: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
+    """Per-channel local spatial frequency (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s)) (GACN Sec. 3.2;
+    Eskicioglu 1995).
 
-    RF^2 + CF^2 with replicate-padded first differences, averaged over a (2r+1)^2 window.
+    RF^2 + CF^2 with replicate-padded first differences, averaged over a (2r+1)^2 window centred
+    on every ``stride``-th pixel (separable, borders average the valid pixels only).
     """
     dx = feats - F.pad(feats, (1, 0, 0, 0), mode="replicate")[..., :, :-1]
     dy = feats - F.pad(feats, (0, 0, 1, 0), mode="replicate")[..., :-1, :]
-    return box_filter(dx * dx + dy * dy, radius)
+    k = 2 * radius + 1
+    x = F.avg_pool2d(dx * dx + dy * dy, (1, k), stride=(1, stride), padding=(0, radius), count_include_pad=False)
+    return F.avg_pool2d(x, (k, 1), stride=(stride, 1), padding=(radius, 0), count_include_pad=False)
 
 
 class SqueezeExcitation(nn.Module):
@@ -101,49 +115,67 @@ class DenseBlock(nn.Module):
         return torch.cat(feats, dim=1)
 
 
-class SpatialAttention(nn.Module):
-    """CBAM spatial attention (Woo et al. 2018): x * sigmoid(conv7x7([mean_c(x), max_c(x)]))."""
+class OddSpatialAttention(nn.Module):
+    """CBAM spatial attention (Woo et al. 2018) with an even gate: x * sigmoid(conv7x7([mean_c|x|, max_c|x|])).
+
+    The gate sees only |x|, so it is the same for x and -x, and the block stays odd: f(-x) = -f(x).
+    """
 
     def __init__(self, kernel: int = 7):
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel, padding=kernel // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        a = x.abs()
+        s = torch.cat([a.mean(dim=1, keepdim=True), a.amax(dim=1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.conv(s))
 
 
-def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
+def _odd_conv(cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Conv2d:
+    """A bias-free convolution with zero padding: linear, hence odd."""
+    return nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False)
 
 
 class DecisionHead(nn.Module):
-    """(B, C, H, W) activity comparison -> (B, 1, H, W) decision logit with a wide receptive field.
+    """(B, C, H, W) comparison x in [-1, 1] -> (B, 1, H, W) decision logit, an odd function of x.
 
-    A thin full-resolution path keeps boundaries precise; a wider quarter-resolution context path
-    of dilated residual convolutions sees about 4 x 2 x sum(dilations) pixels, enough for the
-    interior of a flat region to inherit the decision of the focused edges around it.
+    Swapping the two sources negates x (x = 2c - 1 and c(B, A) = 1 - c(A, B)), so an odd head gives
+    logit(B, A) = -logit(A, B) exactly: D(A, B) = 1 - D(B, A) in a single pass. It is odd because
+    it is built only from bias-free convolutions, average pooling, bilinear upsampling, tanh and an
+    attention gate that depends on |x|.
+
+    The head is deliberately light (GACN's balance: the Siamese encoder carries the weight, it runs
+    once per image; this runs once per pair). A thin path at the input's resolution keeps
+    boundaries precise; a context path at a quarter of it, of dilated residual convolutions, sees
+    about 4 x 2 x sum(dilations) input pixels (x 2 in image pixels for ``cascade``'s half-resolution
+    activities), so the interior of a flat region inherits the decision of the focused edges
+    around it.
     """
 
     def __init__(self, channels: int, width: int, context_width: int, context_dilations: tuple[int, ...]):
         super().__init__()
-        self.inp = _conv(channels, width)
-        self.local = _conv(width, width)
-        self.down = nn.Conv2d(width, context_width, 1)
-        self.context = nn.ModuleList(_conv(context_width, context_width, d) for d in context_dilations)
-        self.merge = nn.Conv2d(width + context_width, width, 1)
-        self.attention = SpatialAttention()
-        self.out = nn.Conv2d(width, 1, 1)
+        self.inp = _odd_conv(channels, width, kernel=1)
+        self.local = _odd_conv(width, width)
+        self.down = _odd_conv(width, context_width, kernel=1)
+        self.context = nn.ModuleList(_odd_conv(context_width, context_width, dilation=d) for d in context_dilations)
+        # merge = W [p; up(g)] = W_p p + up(W_g g): the context half is applied before upsampling
+        self.merge_local = _odd_conv(width, width, kernel=1)
+        self.merge_context = _odd_conv(context_width, width, kernel=1)
+        self.attention = OddSpatialAttention()
+        self.out = _odd_conv(width, 1, kernel=1)
+        # the tanh layers bound the features by 1, so the logit gets a learnt gain (init 8) to reach
+        # near-binary decisions (|logit| ~ 5-10) without first growing every output weight
+        self.log_gain = nn.Parameter(torch.tensor(2.0794415))
 
-    def forward(self, c: torch.Tensor) -> torch.Tensor:
-        x = F.leaky_relu(self.inp(c), 0.1)
-        x = x + F.leaky_relu(self.local(x), 0.1)
-        g = self.down(F.avg_pool2d(x, 4, stride=4, ceil_mode=True))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.inp(x)
+        p = p + torch.tanh(self.local(torch.tanh(p)))
+        g = self.down(F.avg_pool2d(p, 4, stride=4, ceil_mode=True, count_include_pad=False))
         for conv in self.context:
-            g = g + F.leaky_relu(conv(g), 0.1)
-        g = F.interpolate(g, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        x = F.leaky_relu(self.merge(torch.cat([x, g], dim=1)), 0.1)
-        return self.out(self.attention(x))
+            g = g + torch.tanh(conv(g))
+        g = F.interpolate(self.merge_context(g), size=p.shape[-2:], mode="bilinear", align_corners=False)
+        m = torch.tanh(self.merge_local(p) + g)
+        return self.log_gain.exp() * self.out(self.attention(m))
 
 
 @register_model("cascade")
@@ -155,8 +187,8 @@ class CascadeNet(nn.Module):
     Args:
         stem: stem channels; growth, layers: dense block growth rate and depth;
         features: channels of the encoded features (``encode`` output);
-        width: decision head width at full resolution; context_width, context_dilations: width and
-        dilations of its quarter-resolution context branch;
+        width: decision head width (at the activities' half resolution); context_width,
+        context_dilations: width and dilations of its context branch (a quarter of that resolution);
         sf_radius: spatial-frequency window radius; gf_radius, gf_eps: guided filter window and
         regulariser; band_radius: half-width of the boundary band where the guided filter applies.
     """
@@ -164,9 +196,11 @@ class CascadeNet(nn.Module):
     registry_name = "cascade"
     #: inputs need no padding: every layer keeps H, W (pooling uses ceil mode, upsampling to size)
     stride = 1
+    #: ``encode`` returns activities at 1/2 resolution, (B, C, ceil(H/2), ceil(W/2))
+    feature_downsample = 2
 
-    def __init__(self, stem: int = 12, growth: int = 8, layers: int = 3, features: int = 24, width: int = 16,
-                 context_width: int = 32, context_dilations: tuple[int, ...] = (1, 2, 4, 8), sf_radius: int = 3,
+    def __init__(self, stem: int = 24, growth: int = 16, layers: int = 4, features: int = 16, width: int = 16,
+                 context_width: int = 32, context_dilations: tuple[int, ...] = (1, 2, 4), sf_radius: int = 3,
                  gf_radius: int = 4, gf_eps: float = 1e-3, band_radius: int = 4):
         super().__init__()
         self._config = dict(stem=stem, growth=growth, layers=layers, features=features, width=width,
@@ -192,23 +226,23 @@ class CascadeNet(nn.Module):
         return self.project(x)
 
     def encode(self, y: torch.Tensor) -> torch.Tensor:
-        """Luminance (B, 1, H, W) in [0, 1] -> per-channel activity (B, C, H, W). Run once per image.
+        """Luminance (B, 1, H, W) in [0, 1] -> per-channel activity (B, C, ceil(H/2), ceil(W/2)).
 
-        The activity (local spatial frequency of each feature channel) depends on one image only,
-        so it is computed here rather than in :meth:`decide`: a stack of N images pays it N times,
-        not 2 (N - 1) times, which keeps the per-pair decision path light.
+        Run once per image. The activity (local spatial frequency of each feature channel over a
+        7x7 window) depends on one image only, so it is computed here rather than in
+        :meth:`decide`: a stack of N images pays it N times, not 2 (N - 1) times. Being a 7x7 mean
+        it carries no detail finer than about 4 px, so it is sampled at every second pixel: the
+        whole per-pair path up to the boundary filter then runs on a quarter of the pixels.
         """
-        return spatial_frequency(self.features(y), self.sf_radius)
+        return spatial_frequency(self.features(y), self.sf_radius, stride=self.feature_downsample)
 
     def decision_logits(self, act_a: torch.Tensor, act_b: torch.Tensor) -> torch.Tensor:
         """Raw (pre-sigmoid, pre-filter) decision logit (B, 1, H, W) from two activities; > 0 where A is sharper."""
         # normalised difference in [-1, 1]: scale-free; 0 (undecided) where both are flat
         diff = (act_a - act_b) / (act_a + act_b + 1e-4)
-        c = torch.sigmoid(self.log_slope.exp() * diff)
-        # one batched pass over (c, 1 - c): logit(A, B) = h(c) - h(1 - c) = -logit(B, A)
-        h = self.head(torch.cat([c, 1.0 - c], dim=0))
-        ha, hb = h.chunk(2, dim=0)
-        return ha - hb
+        # steep sigmoid, centred: 2 sigmoid(k diff) - 1 = tanh(k diff / 2), odd in diff
+        x = torch.tanh(0.5 * self.log_slope.exp() * diff)
+        return self.head(x)  # odd head: logit(B, A) = -logit(A, B)
 
     def refine(self, d0: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
         """Boundary-aware guided filter (GACN Sec. 3.3): soften D only in a band around its boundaries."""
@@ -221,10 +255,13 @@ class CascadeNet(nn.Module):
     def decide(self, feats_a: torch.Tensor, feats_b: torch.Tensor, y_a: torch.Tensor, y_b: torch.Tensor) -> torch.Tensor:
         """Decision map D (B, 1, H, W) in [0, 1]: probability that source A is in focus.
 
-        feats_a, feats_b: :meth:`encode` outputs (B, C, H, W); y_a, y_b: luminances (B, 1, H, W).
+        feats_a, feats_b: :meth:`encode` outputs (B, C, H/2, W/2); y_a, y_b: luminances (B, 1, H, W).
+        The half-resolution logit is upsampled before the boundary filter, which runs at full
+        resolution with the image as guide, so boundaries follow image edges to the pixel.
         """
-        d0 = torch.sigmoid(self.decision_logits(feats_a, feats_b))
-        return self.refine(d0, y_a, y_b)
+        logit = F.interpolate(self.decision_logits(feats_a, feats_b), size=y_a.shape[-2:], mode="bilinear",
+                              align_corners=False)
+        return self.refine(torch.sigmoid(logit), y_a, y_b)
 
     def forward(self, y_a: torch.Tensor, y_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, H, W) luminances -> (D, fused luminance), both (B, 1, H, W)."""
