@@ -92,9 +92,16 @@ def _graph_modules(model):
 
 
 def state_sha(model) -> str:
-    """sha256 of a model's state dict (names, shapes, bytes) and config: the identity of an export."""
+    """sha256 of a model's source module, config and state dict (names, shapes, bytes): the identity
+    of an export."""
+    import inspect
+
     h = hashlib.sha256()
     h.update(type(model).__name__.encode())
+    try:  # the code too: a changed forward with the same weights is a different graph
+        h.update(inspect.getsource(inspect.getmodule(type(model))).encode())
+    except (OSError, TypeError):
+        pass
     if hasattr(model, "config"):
         h.update(json.dumps(model.config(), sort_keys=True, default=str).encode())
     for k, v in sorted(model.state_dict().items()):

@@ -62,14 +62,19 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
-    """Differentiable grey guided filter (He et al. 2013, Alg. 1), (B, 1, H, W) guide and source."""
-    mean_i = box_filter(guide, radius)
-    mean_p = box_filter(src, radius)
-    var_i = (box_filter(guide * guide, radius) - mean_i * mean_i).clamp_min(0.0)
-    cov_ip = box_filter(guide * src, radius) - mean_i * mean_p
+    """Differentiable grey guided filter (He et al. 2013, Alg. 1), (B, 1, H, W) guide and source.
+
+    The four window means of step 1 are one box filter over four stacked channels, and the two of
+    step 4 one over two: the same arithmetic in fewer, larger operations (cheaper per call).
+    """
+    means = box_filter(torch.cat([guide, src, guide * guide, guide * src], dim=1), radius)
+    mean_i, mean_p, corr_i, corr_ip = means.chunk(4, dim=1)
+    var_i = (corr_i - mean_i * mean_i).clamp_min(0.0)
+    cov_ip = corr_ip - mean_i * mean_p
     a = cov_ip / (var_i + eps)  # Alg. 1 step 3
     b = mean_p - a * mean_i
-    return box_filter(a, radius) * guide + box_filter(b, radius)  # steps 4-5
+    mean_a, mean_b = box_filter(torch.cat([a, b], dim=1), radius).chunk(2, dim=1)
+    return mean_a * guide + mean_b  # steps 4-5
 
 
 def spatial_frequency(feats: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
