@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cascade")
     p.add_argument("--engine", default="auto")
-    p.add_argument("--v4-images", type=int, default=65, help="how many of stack_v4's 65 images (spread over the range)")
+    p.add_argument("--v4-images", type=int, default=65, help="how many of stack_v4's 65 images (spread over the range; 0 = skip it)")
     p.add_argument("--repeats", type=int, default=5, help="alternating repeats on the Lytro triples; the best time counts")
     p.add_argument("--v4-repeats", type=int, default=2, help="alternating repeats on stack_v4 (minutes each)")
     args = p.parse_args(argv)
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if triples.is_dir():
         stacks += [(s.id, list(s.uris)) for s in discover_stacks(str(triples))]
     v4 = DATA / "stack_v4"
-    if v4.is_dir():
+    if v4.is_dir() and args.v4_images > 0:
         all_v4 = [str(x) for x in sorted(v4.glob("V*.jpg"))]
         step = max(1, len(all_v4) // max(1, args.v4_images))
         uris = all_v4[::step][: args.v4_images]
