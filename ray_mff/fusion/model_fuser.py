@@ -42,6 +42,9 @@ from ray_mff.fusion.decision import check_stack, fuse_with_weights
 from ray_mff.fusion.luminance import from_unit_float, luminance, to_unit_float
 from ray_mff.fusion.result import FusionResult
 
+#: calibrated mode batches images per engine call only up to this many pixels per call (1 MP)
+BATCH_PIXELS = 1 << 20
+
 
 class ModelFuser:
     """Fuser protocol (``name``, ``fuse``) for a decision model run by an engine.
@@ -53,8 +56,10 @@ class ModelFuser:
     consistency: apply small-region removal + guided filter to the index map (off by default).
     area_ratio:  small-region threshold for ``consistency`` (fraction of H x W).
     batch:       calibrated mode: images per engine call after the reference (2, the batch of a
-                 serial pair, so the peak memory is serial fusion's; 3 was slower per image on
-                 520 x 520 Lytro triples with ONNX Runtime CPU).
+                 serial pair; 3 was slower per image on 520 x 520 Lytro triples with ONNX Runtime
+                 CPU), as long as batch x H x W <= BATCH_PIXELS, else 1: on large images and
+                 1024 px tiles batching saves nothing and the second image's activations cost
+                 memory (a 12000 x 12000 3-image stack peaked at 6.14 GiB with batch 2).
 
     Example::
 
@@ -110,10 +115,11 @@ class ModelFuser:
         f_ref = self.engine.encode(y_ref)
         cal.add_reference(tie_break_measure(lums[ref]))
         others = [k for k in range(n) if k != ref]
+        batch = self.batch if self.batch * h * w <= BATCH_PIXELS else 1
         # the other images in chunks of ``batch``: one encode call and one decide call per chunk;
         # each image is encoded exactly once, and features of at most batch + 1 are held at a time
-        for i in range(0, len(others), self.batch):
-            chunk = others[i:i + self.batch]
+        for i in range(0, len(others), batch):
+            chunk = others[i:i + batch]
             y = np.concatenate([self._prep(lums[k]) for k in chunk], axis=0)
             f = self.engine.encode(y)
             b = len(chunk)
