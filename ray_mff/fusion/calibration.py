@@ -143,7 +143,7 @@ class DecisionCalibrator:
         if self.mode == "argmax":
             out = np.zeros(self.shape + (self.n,), np.float32)
             if self.tie_margin > 0:
-                gap = np.nan_to_num(self.best - self.second, nan=np.inf, posinf=np.inf)
+                gap = self.best - self.second  # +inf where only one image was added (N = 1)
                 w_best = np.minimum(1.0, 0.5 + gap / (2.0 * self.tie_margin)).astype(np.float32)
             else:
                 w_best = np.ones(self.shape, np.float32)

@@ -97,15 +97,16 @@ class ModelFuser:
         return pad_to_multiple(np.ascontiguousarray(lum, dtype=np.float32)[None, None], self.stride)
 
     def _decide(self, fa, fb, ya: np.ndarray, yb: np.ndarray, h: int, w: int) -> np.ndarray:
+        """One engine decide call on a batch of pairs -> (B, H, W) decision maps in [0, 1]."""
         d = self.engine.decide(fa, fb, ya, yb)
-        return np.clip(crop_to(np.asarray(d, dtype=np.float32), h, w)[0, 0], 0.0, 1.0)
+        return np.clip(crop_to(np.asarray(d, dtype=np.float32), h, w)[:, 0], 0.0, 1.0)
 
     # -- the three modes -------------------------------------------------------------------------------
 
     def _pair(self, lums: list[np.ndarray], h: int, w: int) -> np.ndarray:
         y = np.concatenate([self._prep(lums[0]), self._prep(lums[1])], axis=0)
         f = self.engine.encode(y)
-        d = self._decide(f[0:1], f[1:2], y[0:1], y[1:2], h, w)
+        d = self._decide(f[0:1], f[1:2], y[0:1], y[1:2], h, w)[0]
         return np.stack([d, 1.0 - d], axis=-1)
 
     def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int) -> np.ndarray:
@@ -123,8 +124,7 @@ class ModelFuser:
             y = np.concatenate([self._prep(lums[k]) for k in chunk], axis=0)
             f = self.engine.encode(y)
             b = len(chunk)
-            d = self.engine.decide(np.repeat(f_ref, b, axis=0), f, np.repeat(y_ref, b, axis=0), y)
-            d = np.clip(crop_to(np.asarray(d, dtype=np.float32), h, w)[:, 0], 0.0, 1.0)
+            d = self._decide(np.repeat(f_ref, b, axis=0), f, np.repeat(y_ref, b, axis=0), y, h, w)
             for j, k in enumerate(chunk):
                 cal.add(k, d[j], tie_break_measure(lums[k]))
         return cal.weights()
@@ -137,7 +137,7 @@ class ModelFuser:
         for k in range(1, n):
             ya, yb = self._prep(fused_lum), self._prep(lums[k])
             f = self.engine.encode(np.concatenate([ya, yb], axis=0))  # the intermediate is re-encoded
-            d = self._decide(f[0:1], f[1:2], ya, yb, h, w)
+            d = self._decide(f[0:1], f[1:2], ya, yb, h, w)[0]
             weights[..., :k] *= d[..., None]
             weights[..., k] = 1.0 - d
             # luminance is linear in the sources, so the intermediate's luminance is the same blend
@@ -155,7 +155,7 @@ class ModelFuser:
         for k in range(1, n):
             ya, yb = self._prep(fused_lum), self._prep(lums[k])
             f = self.engine.encode(np.concatenate([ya, yb], axis=0))
-            y_f = self._decide(f[0:1], f[1:2], ya, yb, h, w)  # the fused luminance
+            y_f = self._decide(f[0:1], f[1:2], ya, yb, h, w)[0]  # the fused luminance
             wa = solve_weights(y_f, fused_lum, lums[k])
             fused = transfer_luminance(fused, to_unit_float(images[k]), wa, y_f, fused_lum, lums[k])
             weights[..., :k] *= wa[..., None]

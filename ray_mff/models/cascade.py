@@ -47,8 +47,9 @@ from torch import nn
 from ray_mff.models import register_model
 
 
-def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window, (B, C, H, W) -> same shape; borders average the valid pixels only.
+def box_filter(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:
+    """Mean over a (2r+1)^2 window centred on every ``stride``-th pixel, (B, C, H, W) ->
+    (B, C, ceil(H/s), ceil(W/s)); borders average the valid pixels only.
 
     Separable (a row pass, then a column pass): 2 (2r+1) adds per pixel instead of (2r+1)^2. It is
     exact at the borders too, because the valid part of a window is a rectangle, so the mean over
@@ -57,8 +58,8 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     if radius <= 0:
         return x
     k = 2 * radius + 1
-    x = F.avg_pool2d(x, (1, k), stride=1, padding=(0, radius), count_include_pad=False)
-    return F.avg_pool2d(x, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)
+    x = F.avg_pool2d(x, (1, k), stride=(1, stride), padding=(0, radius), count_include_pad=False)
+    return F.avg_pool2d(x, (k, 1), stride=(stride, 1), padding=(radius, 0), count_include_pad=False)
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
@@ -86,9 +87,7 @@ def spatial_frequency(feats: torch.Tensor, radius: int, stride: int = 1) -> torc
     """
     dx = feats - F.pad(feats, (1, 0, 0, 0), mode="replicate")[..., :, :-1]
     dy = feats - F.pad(feats, (0, 0, 1, 0), mode="replicate")[..., :-1, :]
-    k = 2 * radius + 1
-    x = F.avg_pool2d(dx * dx + dy * dy, (1, k), stride=(1, stride), padding=(0, radius), count_include_pad=False)
-    return F.avg_pool2d(x, (k, 1), stride=(stride, 1), padding=(radius, 0), count_include_pad=False)
+    return box_filter(dx * dx + dy * dy, radius, stride)
 
 
 class SqueezeExcitation(nn.Module):
