@@ -32,13 +32,13 @@ with 2.6 GB of uint16 RGB sources and the 0.86 GB output would not leave room fo
 under a 6 GiB bound). Above the budget the result carries the per-pixel source index
 (``index_map``, uint16, 2 bytes/pixel, blended-weight argmax) and ``weights=None``.
 
-Models with a global operation can differ from their untiled result beyond float round-off:
-``cascade``'s squeeze-and-excitation channel attention averages each feature channel over the
-whole input, so a tile sees its own channel means. Measured, the effect is negligible (injecting
-the whole image's channel means into the tiles changed the max weight difference by 5e-6), and
-decisions could only move where the two sources' activities are nearly equal, i.e. where the
-sources look alike. Tiled vs untiled results are compared in ``tests/test_tiling.py`` and
-``bench/tiling.py``.
+The inner network must be *local* for tiles to match the whole image: ``cascade`` is (its
+channel attention pools cells of 16 px, not the whole image, and it upsamples by exact factors,
+so a crop on the 32 px grid sees the whole image's pixel grid; receptive field +-117 px, measured
+from input gradients, inside the 128 px margin). A global operation would make every tile
+differ: with squeeze-and-excitation over the whole input, tiled and untiled results differed by
+up to 7 grey levels on a 3000 x 3000 crop. Tiled vs untiled results are compared in
+``tests/test_tiling.py`` and ``bench/tiling.py``.
 """
 from __future__ import annotations
 
@@ -54,9 +54,8 @@ from ray_mff.fusion.result import FusionResult
 
 #: default tile side (pixels): ~1 MP crops keep the network's working set near 1 GB
 DEFAULT_TILE_SIZE = 1024
-#: default context margin: cascade's receptive field (~120 px: a context branch at 1/8 resolution with
-#: dilations 1, 2, 4, plus its boundary guided filter); at 96 px tiled and untiled pairs differed by 2
-#: grey levels at a few pixels, at 128 px by at most 1
+#: default context margin: cascade's receptive field is +-117 px (a context branch at 1/8 resolution with
+#: dilations 1, 2, 4, its local channel attention and its boundary guided filter)
 DEFAULT_MARGIN = 128
 #: default blend-zone width
 DEFAULT_FEATHER = 32
@@ -101,9 +100,9 @@ def split_axis(n: int, tile: int, margin: int, feather: int, align: int = 1) -> 
         s0 = 0 if i == 0 else a - half
         s1 = n if i == k - 1 else b - half + feather
         c0 = 0 if i == 0 else max(0, (s0 - margin) // align * align)
-        # crop *length* a multiple of align too: cascade's context branch pools by 4 (ceil mode) and
-        # upsamples back to the input size, so a length that is not a multiple of 4 stretches its
-        # grid by up to 2 px across the crop (measured: 4 grey levels tiled vs untiled)
+        # crop *length* a multiple of align too: a network that pools (ceil mode) and upsamples back
+        # to the input *size* stretches its grid across a crop whose length is off the pooling grid
+        # (cascade upsamples by exact factors instead, but other registered models may not)
         c1 = n if i == k - 1 else min(n, c0 + -(-(s1 + margin - c0) // align) * align)
         out.append(AxisSegment((a, b), (s0, s1), (c0, c1)))
     return out

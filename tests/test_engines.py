@@ -13,6 +13,7 @@ from torch import nn
 
 from ray_mff.engines import EngineEnvironment, make_engine, select_engine
 from ray_mff.engines.base import Engine
+from ray_mff.engines.torch_engine import TorchEngine
 from ray_mff.errors import EngineUnavailableError
 from ray_mff.models import get_model
 
@@ -118,11 +119,11 @@ def test_onnx_engine_matches_torch_fp32(model):
     y = np.random.default_rng(0).random((2, 1, 61, 75), dtype=np.float32)
     f = eng.encode(y)
     d = eng.decide(f[:1], f[1:], y[:1], y[1:])
-    with torch.no_grad():
-        ft = model.encode(torch.from_numpy(y))
-        dt = model.decide(ft[:1], ft[1:], torch.from_numpy(y[:1]), torch.from_numpy(y[1:])).numpy()
+    ref = TorchEngine(model)  # the reference: pads to the stride and crops back like every engine
+    ft = ref.encode(y)
+    dt = ref.decide(ft[:1], ft[1:], y[:1], y[1:])
     assert d.shape == (1, 1, 61, 75) and d.dtype == np.float32
-    assert np.abs(f - ft.numpy()).max() < 1e-4
+    assert np.abs(f - ft).max() < 1e-4
     assert np.abs(d - dt).max() < 1e-4
 
 
@@ -132,9 +133,9 @@ def test_onnx_engine_fp16(model):
     y = np.random.default_rng(0).random((2, 1, 40, 52), dtype=np.float32)
     f = eng.encode(y)
     assert f.dtype == np.float32  # fp16 inside, float32 at the graph boundary
-    with torch.no_grad():
-        ft = model.encode(torch.from_numpy(y))
-        dt = model.decide(ft[:1], ft[1:], torch.from_numpy(y[:1]), torch.from_numpy(y[1:])).numpy()
+    ref = TorchEngine(model)  # the reference: pads to the stride and crops back like every engine
+    ft = ref.encode(y)
+    dt = ref.decide(ft[:1], ft[1:], y[:1], y[1:])
     assert np.abs(eng.decide(f[:1], f[1:], y[:1], y[1:]) - dt).max() < 2e-2
 
 
@@ -189,14 +190,14 @@ def _compare_lytro(shared_data, pair_ids, fp16_pairs):
     torch.manual_seed(0)
     net = get_model("cascade", weights=weights)
     engines = {p: make_engine("cascade", engine="onnx", precision=p, model=net) for p in ("fp32", "fp16")}
+    reference = TorchEngine(net)
     worst = {"fp32": [0.0, 0], "fp16": [0.0, 0]}
     for i, pid in enumerate(pair_ids):
         a_path = Path(shared_data, "lytro", f"lytro_{pid:02d}_A.png")
         a, b = io.read_image(str(a_path)), io.read_image(str(a_path).replace("_A.", "_B."))
         y = np.stack([luminance(a), luminance(b)])[:, None]
-        with torch.no_grad():
-            ft = net.encode(torch.from_numpy(y))
-            dt = net.decide(ft[:1], ft[1:], torch.from_numpy(y[:1]), torch.from_numpy(y[1:]))[0, 0].numpy()
+        ft = reference.encode(y)
+        dt = reference.decide(ft[:1], ft[1:], y[:1], y[1:])[0, 0]
         ref = fuse_with_weights([a, b], np.stack([dt, 1 - dt], axis=-1))
         for p, eng in engines.items():
             if p == "fp16" and i >= fp16_pairs:

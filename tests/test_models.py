@@ -25,13 +25,14 @@ def small_net():
 @pytest.mark.parametrize("hw", [(37, 53), (16, 16), (9, 70)])
 def test_cascade_shapes_any_size(small_net, hw):
     ya, yb = torch.rand(2, 1, *hw), torch.rand(2, 1, *hw)
+    padded = [-(-n // small_net.stride) * small_net.stride for n in hw]  # what the engines feed encode
     with torch.no_grad():
         d, f = small_net(ya, yb)
-        feats = small_net.encode(ya)
+        feats = small_net.encode(torch.rand(2, 1, *padded))
     assert d.shape == f.shape == (2, 1, *hw)
-    assert feats.shape == (2, 6, -(-hw[0] // 2), -(-hw[1] // 2))  # activities at half resolution
+    assert feats.shape == (2, 6, padded[0] // 2, padded[1] // 2)  # activities at half resolution
     assert float(d.min()) >= 0.0 and float(d.max()) <= 1.0
-    assert small_net.stride == 1
+    assert small_net.stride == 16
 
 
 def test_cascade_decision_is_antisymmetric(small_net):
@@ -42,8 +43,28 @@ def test_cascade_decision_is_antisymmetric(small_net):
     assert torch.allclose(d_ab, 1 - d_ba, atol=1e-5)
 
 
+def test_cascade_is_local_so_a_crop_sees_what_the_whole_image_sees():
+    """No global operation (the channel attention pools local cells) and no grid stretch (upsampling
+    by exact factors): a crop starting on the 32-px grid, of any length, reproduces the whole
+    image's decisions wherever the crop's cut edges are farther than the receptive field (~120 px).
+    This is what lets tiled fusion of large images match untiled fusion (ray_mff.tiling)."""
+    torch.manual_seed(1)
+    net = CascadeNet().eval()  # the shipped architecture, random weights
+    ya, yb = torch.rand(1, 1, 300, 419), torch.rand(1, 1, 300, 419)
+    y0, x0 = 32, 160  # crop origin on the grid; it runs to the bottom/right image edges (odd length 259)
+    with torch.no_grad():
+        whole, _ = net(ya, yb)
+        crop, _ = net(ya[..., y0:, x0:], yb[..., y0:, x0:])
+    # only pixels >= 128 px from the crop's cut (top/left) edges are guaranteed to match
+    inner = (slice(128, None), slice(128, None))
+    diff = (crop[0, 0][inner] - whole[0, 0, y0:, x0:][inner]).abs().max()
+    assert float(diff) < 1e-5
+    # near the cut edges the context differs (the test could fail for a reason)
+    assert float((crop[0, 0] - whole[0, 0, y0:, x0:]).abs().max()) > 1e-4
+
+
 def test_encode_decide_split_equals_forward(small_net):
-    ya, yb = torch.rand(1, 1, 20, 22), torch.rand(1, 1, 20, 22)
+    ya, yb = torch.rand(1, 1, 32, 48), torch.rand(1, 1, 32, 48)
     with torch.no_grad():
         d, fused = small_net(ya, yb)
         d2 = small_net.decide(small_net.encode(ya), small_net.encode(yb), ya, yb)

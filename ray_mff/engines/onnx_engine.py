@@ -11,6 +11,7 @@ cropped back (:func:`ray_mff.engines.base.pad_to_multiple`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -52,10 +53,10 @@ def session_options(threads: int | None = None):
     - ``intra_op_num_threads`` = the CPUs we are entitled to (not the machine's core count: on a
       shared node or in a Ray actor more threads only contend);
     - one inter-op thread (the graphs are chains; parallel branches are tiny);
-    - *extended* graph optimisation (constant folding, conv + activation fusion), not *all*: the
-      NCHWc layout transform that *all* adds pays off for wide convolutions, but these networks
-      have 8-36 channels, and the reorders it inserts cost more than they save (profiled on
-      520 x 520 Lytro pairs: encoder 0.92 s -> 1.47 s, decider 1.65 s -> 2.29 s on one thread);
+    - *all* graph optimisations, including the NCHWc layout transform: with ``cascade``'s 88-channel
+      dense block it pays for its reorders (1024 x 1024, 2 threads: two encodes 2.31-2.44 s vs
+      2.57-2.62 s with *extended*, a decide 0.067-0.072 s vs 0.090 s, same peak memory; the
+      previous, narrower network was faster with *extended*);
     - no memory arena (see below).
     """
     import onnxruntime as ort
@@ -64,14 +65,25 @@ def session_options(threads: int | None = None):
     so.intra_op_num_threads = threads or default_threads()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    # No CPU memory arena: the arena keeps every size it ever served, so a 2 x 1600 x 1200 encode
-    # peaked at 7.9 GB resident with it and 2.6 GB without, at the same speed (the memory pattern
-    # planner still reuses buffers within a run). Tiles and stacks of varying sizes make it worse.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No CPU memory arena: the arena keeps every size it ever served, so three 2 x 1600 x 1200-ish
+    # encodes of slightly different sizes peaked at 12.2 GB resident with it (16.2 GB with the
+    # kSameAsRequested extend strategy) and 4.2 GB without. The arena is faster (it saves the page
+    # faults of fresh buffers: 0.34 s vs 0.50 s for a 2 x 528 x 528 encode), but tiles and stacks of
+    # varying sizes would make a worker's memory unbounded (the memory pattern planner still reuses
+    # buffers within a run).
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = True
     so.log_severity_level = 3  # errors only: fp16 graphs warn about constant folding on CPU
     return so
+
+
+def _exported_stride(encoder: Path) -> int:
+    """The model stride recorded by :func:`ray_mff.export.export_model` beside the graphs (1 if absent)."""
+    meta = encoder.with_name("meta.json")
+    if not meta.is_file():
+        return 1
+    return int(json.loads(meta.read_text()).get("stride", 1))
 
 
 class OnnxEngine:
@@ -80,7 +92,8 @@ class OnnxEngine:
     Args:
         encoder, decider: paths of the two graphs.
         precision: what the graphs compute in (``"fp32"``/``"fp16"``), for reporting.
-        stride: pad inputs to multiples of this (the model's ``stride``).
+        stride: pad inputs to multiples of this (the model's ``stride``); default: the ``stride``
+            in the export's ``meta.json`` beside ``encoder`` (1 without one).
         providers: ONNX Runtime providers to ask for (default :func:`default_providers`).
         threads: intra-op threads (default :func:`default_threads`).
 
@@ -93,12 +106,12 @@ class OnnxEngine:
     """
 
     def __init__(self, encoder: str | os.PathLike, decider: str | os.PathLike, *, precision: str = "fp32",
-                 stride: int = 1, providers: list[str] | None = None, threads: int | None = None,
+                 stride: int | None = None, providers: list[str] | None = None, threads: int | None = None,
                  model_name: str | None = None):
         import onnxruntime as ort
 
         self.precision = check_precision(precision)
-        self.stride = int(stride)
+        self.stride = int(stride) if stride is not None else _exported_stride(Path(encoder))
         self.model_name = model_name
         self.paths = (Path(encoder), Path(decider))
         asked = list(providers) if providers else default_providers()

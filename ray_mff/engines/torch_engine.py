@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ray_mff.engines.base import crop_to, pad_to_multiple
+
 
 class TorchEngine:
     """A model on one torch device with numpy in / numpy out.
@@ -42,15 +44,17 @@ class TorchEngine:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
 
     def encode(self, y: np.ndarray) -> np.ndarray:
-        """(B, 1, H, W) float32 luminance in [0, 1] -> (B, C, H, W) float32 features."""
+        """(B, 1, H, W) float32 luminance in [0, 1] -> (B, C, H', W') float32 features (H', W' padded to stride)."""
         with torch.inference_mode():
-            return self.model.encode(self._t(y)).float().cpu().numpy()
+            return self.model.encode(self._t(pad_to_multiple(y, self.stride))).float().cpu().numpy()
 
     def decide(self, feats_a: np.ndarray, feats_b: np.ndarray, y_a: np.ndarray, y_b: np.ndarray) -> np.ndarray:
-        """Features (B, C, H, W) and luminances (B, 1, H, W) of A and B -> D (B, 1, H, W) float32 in [0, 1]."""
+        """Features (B, C, H', W') and luminances (B, 1, H, W) of A and B -> D (B, 1, H, W) float32 in [0, 1]."""
+        h, w = y_a.shape[-2:]
+        ya, yb = (self._t(pad_to_multiple(y, self.stride)) for y in (y_a, y_b))
         with torch.inference_mode():
-            d = self.model.decide(self._t(feats_a), self._t(feats_b), self._t(y_a), self._t(y_b))
-            return d.float().cpu().numpy()
+            d = self.model.decide(self._t(feats_a), self._t(feats_b), ya, yb)
+            return crop_to(d.float().cpu().numpy(), h, w)
 
     def describe(self) -> dict:
         return {"engine": self.name, "precision": self.precision, "device": self.device, "model": self.model_name}

@@ -7,7 +7,9 @@ arXiv 2010.08751 (GACN). A compact version sized to train on a CPU in minutes:
 
 1. **Siamese feature extractor** (shared weights): a stem convolution and a small dense block
    (Huang et al. 2017) whose output is recalibrated by squeeze-and-excitation channel attention
-   (Hu et al. 2018), on the luminance (B, 1, H, W).
+   (Hu et al. 2018) pooled over local windows rather than the whole image (so the network is
+   local: a tile of a large image gets the same result as the whole image), on the luminance
+   (B, 1, H, W).
 2. **Activity comparison**: per-channel spatial frequency of the features over a local window
    (GACN Sec. 3.2, SF = mean of squared row/column differences), compared between the two sources
    as a normalised difference and made near-binary by a steep sigmoid with a learnt slope.
@@ -28,7 +30,9 @@ arXiv 2010.08751 (GACN). A compact version sized to train on a CPU in minutes:
    hard (no contrast loss) and boundaries follow image edges (no seams or halos).
 5. fused = D * A + (1 - D) * B  (GACN Eq. 1), applied to every colour channel by the fuser.
 
-Every operation is convolutional with "same" padding, so any H and W works (``stride = 1``).
+Every operation is convolutional with "same" padding; :meth:`CascadeNet.encode` and
+:meth:`CascadeNet.decide` take sides that are multiples of ``stride = 16`` (the engines pad by edge
+replication and crop back, as :meth:`CascadeNet.forward` does), so any H and W works.
 
 Example:
     >>> import torch
@@ -90,18 +94,42 @@ def spatial_frequency(feats: torch.Tensor, radius: int, stride: int = 1) -> torc
     return box_filter(dx * dx + dy * dy, radius, stride)
 
 
-class SqueezeExcitation(nn.Module):
-    """Channel attention (Hu et al. 2018): x * sigmoid(W2 relu(W1 avgpool(x)))."""
+def upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bilinear upsampling by an exact integer ``factor`` (half-pixel centres).
 
-    def __init__(self, channels: int, reduction: int = 4):
+    Inputs are multiples of :attr:`CascadeNet.stride`, so every pooled grid divides evenly and an
+    exact factor restores the size. An upsample *to a size* would stretch the grid across an input
+    off the pooling grid, and a crop of an image would put a coarse cell at other pixels than the
+    whole image does; with exact factors the mapping is a pure translation, so a tile whose origin
+    is a multiple of the stride sees exactly the values of the whole image (:mod:`ray_mff.tiling`).
+    """
+    return F.interpolate(x, scale_factor=float(factor), mode="bilinear", align_corners=False)
+
+
+class LocalSqueezeExcitation(nn.Module):
+    """Channel attention (Hu et al. 2018) over a local window: x * sigmoid(W2 relu(W1 mean_win(x))).
+
+    Squeeze-and-excitation pools each channel over the *whole* input, so the result of a pixel
+    depends on every other pixel of the image, and a tile of a large image (:mod:`ray_mff.tiling`)
+    gets other weights than the whole image: measured, up to 2.4 grey levels tiled vs untiled.
+    Here the squeeze is a mean over ``cell`` x ``cell`` cells, smoothed over 3 x 3 cells (a
+    ~3 ``cell`` px window), the excitation runs on that coarse grid and its weights are
+    upsampled bilinearly: the same channel recalibration by local image content, with a bounded
+    receptive field (~2.5 ``cell`` px), at 1/``cell``^2 of the cost of a full-resolution MLP.
+    """
+
+    def __init__(self, channels: int, reduction: int = 4, cell: int = 16):
         super().__init__()
         hidden = max(4, channels // reduction)
+        self.cell = cell
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))))
-        return x * w
+        s = F.avg_pool2d(x, self.cell, stride=self.cell, ceil_mode=True, count_include_pad=False)
+        s = F.avg_pool2d(s, 3, stride=1, padding=1, count_include_pad=False)
+        w = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
+        return x * upsample(w, self.cell)
 
 
 class DenseBlock(nn.Module):
@@ -177,7 +205,7 @@ class DecisionHead(nn.Module):
         g = self.down(F.avg_pool2d(p, 4, stride=4, ceil_mode=True, count_include_pad=False))
         for conv in self.context:
             g = g + torch.tanh(conv(g))
-        g = F.interpolate(self.merge_context(g), size=p.shape[-2:], mode="bilinear", align_corners=False)
+        g = upsample(self.merge_context(g), 4)
         m = torch.tanh(self.merge_local(p) + g)
         return self.log_gain.exp() * self.out(self.attention(m))
 
@@ -198,21 +226,23 @@ class CascadeNet(nn.Module):
     """
 
     registry_name = "cascade"
-    #: inputs need no padding: every layer keeps H, W (pooling uses ceil mode, upsampling to size)
-    stride = 1
+    #: encode/decide take H, W that are multiples of 16 (the channel attention's cell; the context
+    #: branch's grid is 8): engines pad the luminance by edge replication and crop the decision back,
+    #: and :meth:`forward` does the same, so any H, W works from the outside
+    stride = 16
     #: ``encode`` returns activities at 1/2 resolution, (B, C, ceil(H/2), ceil(W/2))
     feature_downsample = 2
 
     def __init__(self, stem: int = 24, growth: int = 16, layers: int = 4, features: int = 16, width: int = 16,
                  context_width: int = 32, context_dilations: tuple[int, ...] = (1, 2, 4), sf_radius: int = 3,
-                 gf_radius: int = 4, gf_eps: float = 1e-3, band_radius: int = 4):
+                 gf_radius: int = 4, gf_eps: float = 1e-3, band_radius: int = 4, se_cell: int = 16):
         super().__init__()
         self._config = dict(stem=stem, growth=growth, layers=layers, features=features, width=width,
                             context_width=context_width, context_dilations=list(context_dilations), sf_radius=sf_radius,
-                            gf_radius=gf_radius, gf_eps=gf_eps, band_radius=band_radius)
+                            gf_radius=gf_radius, gf_eps=gf_eps, band_radius=band_radius, se_cell=se_cell)
         self.stem = nn.Conv2d(1, stem, 3, padding=1)
         self.dense = DenseBlock(stem, growth, layers)
-        self.se = SqueezeExcitation(self.dense.out_channels)
+        self.se = LocalSqueezeExcitation(self.dense.out_channels, cell=se_cell)
         self.project = nn.Conv2d(self.dense.out_channels, features, 1)
         # slope of the steep sigmoid that turns the SF comparison near-binary (learnt, init 10)
         self.log_slope = nn.Parameter(torch.tensor(2.302585))
@@ -263,13 +293,18 @@ class CascadeNet(nn.Module):
         The half-resolution logit is upsampled before the boundary filter, which runs at full
         resolution with the image as guide, so boundaries follow image edges to the pixel.
         """
-        logit = F.interpolate(self.decision_logits(feats_a, feats_b), size=y_a.shape[-2:], mode="bilinear",
-                              align_corners=False)
+        logit = upsample(self.decision_logits(feats_a, feats_b), self.feature_downsample)
         return self.refine(torch.sigmoid(logit), y_a, y_b)
 
     def forward(self, y_a: torch.Tensor, y_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, H, W) luminances -> (D, fused luminance), both (B, 1, H, W)."""
-        feats = self.encode(torch.cat([y_a, y_b], dim=0))  # Siamese: one pass, shared weights
+        """(B, 1, H, W) luminances, any H, W -> (D, fused luminance), both (B, 1, H, W).
+
+        Pads to multiples of :attr:`stride` by edge replication (as the engines do) and crops back.
+        """
+        h, w = y_a.shape[-2:]
+        pad = (0, (-w) % self.stride, 0, (-h) % self.stride)
+        ya, yb = (F.pad(y, pad, mode="replicate") if any(pad) else y for y in (y_a, y_b))
+        feats = self.encode(torch.cat([ya, yb], dim=0))  # Siamese: one pass, shared weights
         fa, fb = feats.chunk(2, dim=0)
-        d = self.decide(fa, fb, y_a, y_b)
+        d = self.decide(fa, fb, ya, yb)[..., :h, :w]
         return d, d * y_a + (1.0 - d) * y_b
