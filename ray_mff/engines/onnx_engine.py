@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,43 @@ def _exported_stride(encoder: Path) -> int:
     return int(json.loads(meta.read_text()).get("stride", 1))
 
 
+#: sessions kept per graph, one per input shape, least recently used dropped first
+SESSIONS_PER_SHAPE_CACHE = 4
+
+
+class _SessionPerShape:
+    """One ONNX Runtime session per input shape of a graph.
+
+    ONNX Runtime plans its memory pattern on a session's first run, and a session stays fast only
+    at that run's shape: an encoder first run on 2 x 128 x 128 then took 1.23 s per 2 x 528 x 528
+    run, against 0.64 s for a session whose first run was 528 x 528 (and disabling the memory
+    pattern made every run slow). Sessions cost 15-20 ms to create and hold little memory without
+    the arena, so each shape gets its own: a run of same-size images or tiles uses one or two.
+    """
+
+    def __init__(self, path: Path, opts, providers: list[str], first):
+        self.path, self.opts, self.providers = str(path), opts, providers
+        self._fresh = first  # created by the engine to learn its providers; not run yet
+        self._by_shape: OrderedDict = OrderedDict()
+        self.output = first.get_outputs()[0].name
+
+    def run(self, feeds: dict, shape: tuple) -> np.ndarray:
+        sess = self._by_shape.get(shape)
+        if sess is None:
+            import onnxruntime as ort
+
+            if self._fresh is not None:
+                sess, self._fresh = self._fresh, None
+            else:
+                sess = ort.InferenceSession(self.path, self.opts, providers=self.providers)
+            self._by_shape[shape] = sess
+            if len(self._by_shape) > SESSIONS_PER_SHAPE_CACHE:
+                self._by_shape.popitem(last=False)
+        else:
+            self._by_shape.move_to_end(shape)
+        return sess.run([self.output], feeds)[0]
+
+
 class OnnxEngine:
     """Runs ``encoder.onnx`` and ``decider.onnx`` (see :mod:`ray_mff.export`) with ONNX Runtime.
 
@@ -127,13 +165,13 @@ class OnnxEngine:
         on_cuda = self.providers[0] == CUDA
         self.device = "cuda:0" if on_cuda else "cpu"
         self.name = "onnxruntime-cuda" if on_cuda else "onnxruntime-cpu"
-        self._enc_out = self._enc.get_outputs()[0].name
-        self._dec_out = self._dec.get_outputs()[0].name
+        self._enc = _SessionPerShape(self.paths[0], opts, self.providers, self._enc)
+        self._dec = _SessionPerShape(self.paths[1], opts, self.providers, self._dec)
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         """(B, 1, H, W) float32 luminance -> (B, C, H', W') float32 features (H', W' padded to stride)."""
         y = np.ascontiguousarray(pad_to_multiple(np.asarray(y, dtype=np.float32), self.stride))
-        return self._enc.run([self._enc_out], {"y": y})[0]
+        return self._enc.run({"y": y}, y.shape)
 
     def decide(self, feats_a: np.ndarray, feats_b: np.ndarray, y_a: np.ndarray, y_b: np.ndarray) -> np.ndarray:
         """Features (B, C, H', W') and luminances (B, 1, H, W) -> D (B, 1, H, W) float32 in [0, 1]."""
@@ -144,7 +182,7 @@ class OnnxEngine:
             "y_a": np.ascontiguousarray(pad_to_multiple(np.asarray(y_a, dtype=np.float32), self.stride)),
             "y_b": np.ascontiguousarray(pad_to_multiple(np.asarray(y_b, dtype=np.float32), self.stride)),
         }
-        return crop_to(self._dec.run([self._dec_out], feeds)[0], h, w)
+        return crop_to(self._dec.run(feeds, feeds["y_a"].shape), h, w)
 
     def describe(self) -> dict:
         return {"engine": self.name, "precision": self.precision, "device": self.device,
