@@ -9,7 +9,8 @@ A decision model exports as two single-file ONNX graphs, matching the engine pro
 Batch, height and width are dynamic axes. Inputs are padded to the model's ``stride`` multiple
 and outputs cropped back *by the engine wrapper* (:func:`ray_mff.engines.base.pad_to_multiple`),
 not inside the graph: shape arithmetic in the graph would cost a TensorRT optimisation-profile
-headache for nothing (the shipped ``cascade`` has ``stride = 1``). Opset 17, no external data
+headache (the shipped ``cascade`` has ``stride = 16``: with sides on that grid every upsampling in
+it is by an exact factor, and the graph needs no crop). Opset 17, no external data
 (the models are a few hundred kB).
 
 fp16 graphs are the fp32 graph converted by ``onnxruntime.transformers.float16`` with
