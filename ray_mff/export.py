@@ -286,11 +286,10 @@ def verify_export(model, paths: dict, *, precision: str = "fp32", pairs=None, th
     and one real defocus pair (:func:`defocus_pair`). Returns ``{"random": {...}, "real": {...}}``
     with ``features_max_abs``, ``decision_max_abs`` per input kind.
     """
-    import torch
-
-    from ray_mff.engines.base import pad_to_multiple
     from ray_mff.engines.onnx_engine import OnnxEngine
+    from ray_mff.engines.torch_engine import TorchEngine
 
+    reference = TorchEngine(model)  # pads to the stride and crops back, as the ONNX engine does
     engine = OnnxEngine(paths["encoder"], paths["decider"], precision=precision,
                         stride=int(getattr(model, "stride", 1)), providers=["CPUExecutionProvider"], threads=threads)
     rng = np.random.default_rng(0)
@@ -302,14 +301,11 @@ def verify_export(model, paths: dict, *, precision: str = "fp32", pairs=None, th
     out = {}
     for kind, (ya, yb) in pairs.items():
         y = np.stack([ya, yb])[:, None].astype(np.float32)
-        h, w = y.shape[-2:]
-        yp = torch.from_numpy(pad_to_multiple(y, engine.stride))  # torch sees what the engine feeds
-        with torch.no_grad():
-            ft = model.encode(yp)
-            dt = model.decide(ft[:1], ft[1:], yp[:1], yp[1:])[..., :h, :w].numpy()
+        ft = reference.encode(y)
+        dt = reference.decide(ft[:1], ft[1:], y[:1], y[1:])
         fo = engine.encode(y)
         do = engine.decide(fo[:1], fo[1:], y[:1], y[1:])
-        out[kind] = {"features_max_abs": float(np.abs(fo - ft.numpy()).max()),
+        out[kind] = {"features_max_abs": float(np.abs(fo - ft).max()),
                      "decision_max_abs": float(np.abs(do - dt).max()),
                      "shape": list(y.shape[-2:])}
     return out
