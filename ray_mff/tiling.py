@@ -26,7 +26,8 @@ and runs it tile by tile:
 
 **Memory.** Peak is the sources (held by the caller) + the output + one band of weights
 (``~tile_size x W x N x 4`` bytes) + the inner fuser's working set for one tile; never a full-size
-float32 map per source. The full ``(H, W, N)`` float32 weights are returned only when they fit
+float32 map per source (and no memory an engine keeps between calls: ONNX Runtime's arenas are
+off while tiling, :meth:`ray_mff.engines.onnx_engine.OnnxEngine.without_arena`). The full ``(H, W, N)`` float32 weights are returned only when they fit
 ``weights_budget`` (default 1 GiB; a 12000 x 12000 3-image stack would need 1.7 GB, which
 with 2.6 GB of uint16 RGB sources and the 0.86 GB output would not leave room for the working set
 under a 6 GiB bound). Above the budget the result carries the per-pixel source index
@@ -42,6 +43,7 @@ up to 7 grey levels on a 3000 x 3000 crop. Tiled vs untiled results are compared
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -182,6 +184,12 @@ class TiledFuser:
         first = np.asarray(images[0])
         if not self.needs_tiling(first.shape):
             return self.fuser.fuse(images)
+        # an engine that can keep memory between calls (ONNX Runtime's arena) must not while tiling
+        engine = getattr(self.fuser, "engine", None)
+        with getattr(engine, "without_arena", contextlib.nullcontext)():
+            return self._fuse_tiles(images, first)
+
+    def _fuse_tiles(self, images: Sequence[np.ndarray], first: np.ndarray) -> FusionResult:
         t0 = time.perf_counter()
         h, w = first.shape[:2]
         n = len(images)

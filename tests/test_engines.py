@@ -179,6 +179,55 @@ def test_onnx_engine_pads_to_stride_and_crops_back(tmp_path):
     assert np.abs(d - dt).max() < 1e-5
 
 
+def test_onnx_sessions_keep_an_arena_only_for_small_inputs_and_at_most_two(model, monkeypatch):
+    import ray_mff.engines.onnx_engine as oe
+
+    eng = make_engine("cascade", engine="onnx", model=model, threads=1)
+    enc = eng._enc
+    monkeypatch.setattr(enc, "max_pixels", 2 * 48 * 48)  # an arena for up to two 48 x 48 images
+    rng = np.random.default_rng(0)
+    for b, side in [(1, 32), (2, 48), (1, 48), (1, 80)]:
+        eng.encode(rng.random((b, 1, side, side), dtype=np.float32))
+    # (1, 80) is too big for an arena; of the three small shapes only the two most recent keep one
+    assert enc.arenas() == [(2, 1, 48, 48), (1, 1, 48, 48)]
+    assert enc.shapes() == [(2, 1, 48, 48), (1, 1, 48, 48), (1, 1, 80, 80)] and oe.ARENA_SESSIONS == 2
+    with eng.without_arena():
+        assert enc.arenas() == [] and enc.max_pixels == 0
+        f = eng.encode(rng.random((1, 1, 32, 32), dtype=np.float32))
+        assert enc.arenas() == []
+    assert enc.max_pixels == 2 * 48 * 48  # restored
+    # same numbers with and without an arena
+    y = rng.random((1, 1, 32, 32), dtype=np.float32)
+    with eng.without_arena():
+        f_plain = eng.encode(y)
+    f_arena = eng.encode(y)  # a session of its own: the one made without an arena is not reused
+    assert (1, 1, 32, 32) in enc.arenas() and f.shape == f_arena.shape
+    assert np.array_equal(f_plain, f_arena)
+
+
+def test_tiled_fusion_runs_onnxruntime_without_arenas(model, monkeypatch):
+    from ray_mff.fusion.model_fuser import ModelFuser
+    from ray_mff.tiling import TiledFuser
+
+    eng = make_engine("cascade", engine="onnx", model=model, threads=1)
+    seen = []
+    encode = eng.encode
+
+    def spy(y):
+        seen.append((eng._enc.max_pixels, len(eng._enc.arenas())))
+        return encode(y)
+
+    monkeypatch.setattr(eng, "encode", spy)
+    rng = np.random.default_rng(1)
+    small = [rng.random((64, 64), dtype=np.float32) for _ in range(2)]
+    ModelFuser(eng).fuse(small)  # untiled: leaves an arena session behind
+    assert eng._enc.arenas()
+    big = [rng.random((700, 300), dtype=np.float32) for _ in range(2)]
+    TiledFuser(ModelFuser(eng), tile_size=512, untiled_max_side=512).fuse(big)
+    assert len(seen) > 2 and all(s == (0, 0) for s in seen[1:])  # every tile: no arena, none kept
+    assert eng._enc.max_pixels > 0
+
+
 def _compare_lytro(shared_data, pair_ids, fp16_pairs):
     """Max |D_ort - D_torch| and max fused 8-bit difference per precision over Lytro pairs."""
     from ray_mff import io

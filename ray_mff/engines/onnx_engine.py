@@ -11,6 +11,7 @@ cropped back (:func:`ray_mff.engines.base.pad_to_multiple`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ def default_providers() -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, *, arena: bool = False):
     """Session options tuned for these small conv nets on a few CPU cores.
 
     - ``intra_op_num_threads`` = the CPUs we are entitled to (not the machine's core count: on a
@@ -58,7 +59,14 @@ def session_options(threads: int | None = None):
       dense block it pays for its reorders (1024 x 1024, 2 threads: two encodes 2.31-2.44 s vs
       2.57-2.62 s with *extended*, a decide 0.067-0.072 s vs 0.090 s, same peak memory; the
       previous, narrower network was faster with *extended*);
-    - no memory arena (see below).
+    - intra-op threads that sleep when idle instead of spinning: every session has its own thread
+      pool, and an encoder's pool still spinning after its run took the cores from the decider
+      that ran next (a 2-pair decide right after a 3 x 528 x 528 encode: 0.054-0.065 s spinning,
+      0.035-0.037 s not; the encode itself was no slower);
+    - ``arena``: ONNX Runtime's CPU memory arena, which keeps the memory of one run for the next
+      (and no memory pattern, which with the arena only adds a second copy of the working set).
+      Without it every run allocates its working set afresh and pays its page faults. Which
+      sessions get one is decided by :class:`_SessionPerShape`.
     """
     import onnxruntime as ort
 
@@ -67,14 +75,10 @@ def session_options(threads: int | None = None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # No CPU memory arena: the arena keeps every size it ever served, so three 2 x 1600 x 1200-ish
-    # encodes of slightly different sizes peaked at 12.2 GB resident with it (16.2 GB with the
-    # kSameAsRequested extend strategy) and 4.2 GB without. The arena is faster (it saves the page
-    # faults of fresh buffers: 0.34 s vs 0.50 s for a 2 x 528 x 528 encode), but tiles and stacks of
-    # varying sizes would make a worker's memory unbounded (the memory pattern planner still reuses
-    # buffers within a run).
-    so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = True
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_cpu_mem_arena = bool(arena)
+    # without the arena the memory pattern planner still lays a run's buffers out in one block
+    so.enable_mem_pattern = not arena
     so.log_severity_level = 3  # errors only: fp16 graphs warn about constant folding on CPU
     return so
 
@@ -87,41 +91,94 @@ def _exported_stride(encoder: Path) -> int:
     return int(json.loads(meta.read_text()).get("stride", 1))
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else default
+
+
 #: sessions kept per graph, one per input shape, least recently used dropped first
 SESSIONS_PER_SHAPE_CACHE = 4
+#: inputs of at most this many pixels per call (batch x H x W) run in a session with a memory
+#: arena (``RAY_MFF_ORT_ARENA_PIXELS``; 0 turns the arena off): 786,432, e.g. a pair of 600 x 600
+#: images or one 880 x 880
+ARENA_MAX_PIXELS = _env_int("RAY_MFF_ORT_ARENA_PIXELS", 3 << 18)
+#: of the cached sessions of a graph, at most this many keep an arena (the least recently used goes)
+ARENA_SESSIONS = 2
 
 
 class _SessionPerShape:
-    """One ONNX Runtime session per input shape of a graph.
+    """One ONNX Runtime session per input shape of a graph, some with a memory arena.
 
-    ONNX Runtime plans its memory pattern on a session's first run, and a session stays fast only
-    at that run's shape: an encoder first run on 2 x 128 x 128 then took 1.23 s per 2 x 528 x 528
-    run, against 0.64 s for a session whose first run was 528 x 528 (and disabling the memory
-    pattern made every run slow). Sessions cost 15-20 ms to create and hold little memory without
-    the arena, so each shape gets its own: a run of same-size images or tiles uses one or two.
+    *One session per shape.* ONNX Runtime plans its memory pattern on a session's first run, and
+    a session stays fast only at that run's shape: an encoder first run on 2 x 128 x 128 then
+    took 1.23 s per 2 x 528 x 528 run, against 0.64 s for a session whose first run was 528 x 528
+    (and disabling the memory pattern made every run slow). Sessions cost 15-20 ms to create: a
+    run of same-size images or tiles uses one or two.
+
+    *Arena for small inputs only.* Without the arena every run allocates its working set afresh
+    and pays its page faults. With it the memory stays with the session, and runs are 25-40 %
+    faster: ``cascade``'s encoder, 2 threads, 2 x 528 x 528 in 0.47-0.49 s against 0.62-0.76 s;
+    1 x 1024 x 1024 in 0.93 s against 1.23-1.30 s. The price is that memory, held while the
+    session lives: 0.94 GiB resident after 2 x 528 x 528 runs (0.68 GiB peak without the arena),
+    1.82 GiB after 1024 x 1024 (1.24 GiB), 3.40 GiB after 1600 x 1200 (2.19 GiB). (With the
+    memory pattern as well it held 1.54, 2.97 and 5.30 GiB at the same speed, so arena sessions
+    run without it; shrinking the arena after each run, ONNX Runtime's
+    ``memory.enable_memory_arena_shrinkage``, gave back all of the speed.) So only inputs of at
+    most :data:`ARENA_MAX_PIXELS` per call get an arena, in at most :data:`ARENA_SESSIONS`
+    sessions per graph: a worker holds at most about 2.8 GiB of arenas for ``cascade`` (two
+    encoder sessions of 0.79 MP), and larger images keep the memory bound of one call. Tiled fusion
+    (:mod:`ray_mff.tiling`) turns arenas off (``max_pixels = 0``) while it runs, so a huge
+    image's memory stays that of one tile at a time, whatever the tiles' sizes.
     """
 
-    def __init__(self, path: Path, opts, providers: list[str], first):
-        self.path, self.opts, self.providers = str(path), opts, providers
-        self._fresh = first  # created by the engine to learn its providers; not run yet
-        self._by_shape: OrderedDict = OrderedDict()
+    def __init__(self, path: Path, threads: int | None, providers: list[str], first):
+        self.path, self.threads, self.providers = str(path), threads, providers
+        self.max_pixels = ARENA_MAX_PIXELS  # inputs up to this many pixels per call get an arena
+        self._fresh = first  # created by the engine (without arena) to learn its providers; not run yet
+        self._sessions: OrderedDict = OrderedDict()  # (shape, has arena) -> session
         self.output = first.get_outputs()[0].name
 
-    def run(self, feeds: dict, shape: tuple) -> np.ndarray:
-        sess = self._by_shape.get(shape)
-        if sess is None:
-            import onnxruntime as ort
+    def wants_arena(self, shape: tuple) -> bool:
+        pixels = int(np.prod(shape[:1] + tuple(shape[2:]))) if len(shape) >= 3 else int(np.prod(shape))
+        return 0 < pixels <= self.max_pixels
 
-            if self._fresh is not None:
-                sess, self._fresh = self._fresh, None
-            else:
-                sess = ort.InferenceSession(self.path, self.opts, providers=self.providers)
-            self._by_shape[shape] = sess
-            if len(self._by_shape) > SESSIONS_PER_SHAPE_CACHE:
-                self._by_shape.popitem(last=False)
+    def drop_arenas(self) -> None:
+        """Close the sessions that hold an arena (their memory goes back to the system)."""
+        for key in [k for k in self._sessions if k[1]]:
+            del self._sessions[key]
+
+    def _session(self, shape: tuple):
+        key = (shape, self.wants_arena(shape))
+        sess = self._sessions.get(key)
+        if sess is not None:
+            self._sessions.move_to_end(key)
+            return sess
+        import onnxruntime as ort
+
+        if key[1]:  # at most ARENA_SESSIONS hold an arena: drop the least recently used first
+            held = [k for k in self._sessions if k[1]]
+            for k in held[: max(0, len(held) - ARENA_SESSIONS + 1)]:
+                del self._sessions[k]
+        if self._fresh is not None and not key[1]:
+            sess, self._fresh = self._fresh, None
         else:
-            self._by_shape.move_to_end(shape)
-        return sess.run([self.output], feeds)[0]
+            sess = ort.InferenceSession(self.path, session_options(self.threads, arena=key[1]),
+                                        providers=self.providers)
+        self._sessions[key] = sess
+        while len(self._sessions) > SESSIONS_PER_SHAPE_CACHE:
+            self._sessions.popitem(last=False)
+        return sess
+
+    def shapes(self) -> list[tuple]:
+        """Input shapes of the cached sessions, least recently used first."""
+        return [k[0] for k in self._sessions]
+
+    def arenas(self) -> list[tuple]:
+        """Input shapes whose cached session holds a memory arena."""
+        return [k[0] for k in self._sessions if k[1]]
+
+    def run(self, feeds: dict, shape: tuple) -> np.ndarray:
+        return self._session(shape).run([self.output], feeds)[0]
 
 
 class OnnxEngine:
@@ -165,8 +222,8 @@ class OnnxEngine:
         on_cuda = self.providers[0] == CUDA
         self.device = "cuda:0" if on_cuda else "cpu"
         self.name = "onnxruntime-cuda" if on_cuda else "onnxruntime-cpu"
-        self._enc = _SessionPerShape(self.paths[0], opts, self.providers, self._enc)
-        self._dec = _SessionPerShape(self.paths[1], opts, self.providers, self._dec)
+        self._enc = _SessionPerShape(self.paths[0], self.threads, self.providers, self._enc)
+        self._dec = _SessionPerShape(self.paths[1], self.threads, self.providers, self._dec)
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         """(B, 1, H, W) float32 luminance -> (B, C, H', W') float32 features (H', W' padded to stride)."""
@@ -183,6 +240,21 @@ class OnnxEngine:
             "y_b": np.ascontiguousarray(pad_to_multiple(np.asarray(y_b, dtype=np.float32), self.stride)),
         }
         return crop_to(self._dec.run(feeds, feeds["y_a"].shape), h, w)
+
+    @contextlib.contextmanager
+    def without_arena(self):
+        """Within the block, no session keeps a memory arena (those that did are closed first):
+        each call allocates its working set and gives it back, as :mod:`ray_mff.tiling` needs
+        for a memory bound set by the tile size."""
+        saved = [(g, g.max_pixels) for g in (self._enc, self._dec)]
+        try:
+            for g, _ in saved:
+                g.drop_arenas()
+                g.max_pixels = 0
+            yield self
+        finally:
+            for g, value in saved:
+                g.max_pixels = value
 
     def describe(self) -> dict:
         return {"engine": self.name, "precision": self.precision, "device": self.device,

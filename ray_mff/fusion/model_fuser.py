@@ -55,11 +55,12 @@ class ModelFuser:
     mode:        calibration rule, ``"argmax"`` (one-hot) or ``"softmax"`` (soft weights).
     consistency: apply small-region removal + guided filter to the index map (off by default).
     area_ratio:  small-region threshold for ``consistency`` (fraction of H x W).
-    batch:       calibrated mode: images per engine call after the reference (2, the batch of a
-                 serial pair; 3 was slower per image on 520 x 520 Lytro triples with ONNX Runtime
-                 CPU), as long as batch x H x W <= BATCH_PIXELS, else 1: on large images and
-                 1024 px tiles batching saves nothing and the second image's activations cost
-                 memory (a 12000 x 12000 3-image stack peaked at 6.14 GiB with batch 2).
+    batch:       calibrated mode: other images per engine call (2, the batch of a serial pair), as
+                 long as batch x H x W <= BATCH_PIXELS, else 1: on large images and 1024 px tiles
+                 batching saves nothing and the second image's activations cost memory (a
+                 12000 x 12000 3-image stack peaked at 6.14 GiB with batch 2). (Encoding the
+                 reference in the first call too, one 3-image call for a Lytro triple, was no
+                 faster per image than a 1- and a 2-image call with ONNX Runtime.)
 
     Example::
 
