@@ -224,6 +224,8 @@ class OnnxEngine:
         self.name = "onnxruntime-cuda" if on_cuda else "onnxruntime-cpu"
         self._enc = _SessionPerShape(self.paths[0], self.threads, self.providers, self._enc)
         self._dec = _SessionPerShape(self.paths[1], self.threads, self.providers, self._dec)
+        if on_cuda:  # the CPU arena only pays where the CPU computes; CUDA has its own allocator
+            self._enc.max_pixels = self._dec.max_pixels = 0
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         """(B, 1, H, W) float32 luminance -> (B, C, H', W') float32 features (H', W' padded to stride)."""
