@@ -174,6 +174,21 @@ def test_calibration_breaks_saturated_ties_with_the_focus_measure():
         cal.weights()  # images 0 and 2 missing
 
 
+def test_calibrator_tracks_the_best_and_the_runner_up_with_ties():
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 7):
+        scores = np.round(rng.normal(size=(n, 9, 11)), 1).astype(np.float32)  # coarse: many exact ties
+        cal = DecisionCalibrator(n, 0, (9, 11))
+        for k in rng.permutation(n):  # any insertion order
+            cal._add_score(int(k), scores[k].copy())
+        ordered = np.sort(scores, axis=0)
+        assert np.array_equal(cal.best, ordered[-1]) and np.array_equal(cal.second, ordered[-2])
+        idx, second = cal.index.astype(int), cal.second_index.astype(int)
+        assert (idx != second).all()
+        assert np.array_equal(np.take_along_axis(scores, idx[None], 0)[0], cal.best)
+        assert np.array_equal(np.take_along_axis(scores, second[None], 0)[0], cal.second)
+
+
 def _synthetic_stack(n: int, size: int = 48, seed: int = 0):
     """n images, each sharp in one vertical band and box-blurred elsewhere; uint8 RGB."""
     import cv2
