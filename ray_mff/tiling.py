@@ -30,8 +30,9 @@ float32 map per source, and no memory that an engine keeps between calls (ONNX R
 are off while tiling: :meth:`ray_mff.engines.onnx_engine.OnnxEngine.without_arena`). The full
 ``(H, W, N)`` float32 weights are returned only when they fit ``weights_budget`` (default 1 GiB;
 a 12000 x 12000 3-image stack would need 1.7 GB, which with 2.6 GB of uint16 RGB sources and the
-0.86 GB output would not leave room for the working set under a 6 GiB bound). Above the budget the result carries the per-pixel source index
-(``index_map``, uint16, 2 bytes/pixel, blended-weight argmax) and ``weights=None``.
+0.86 GB output would not leave room for the working set under a 6 GiB bound). Above the budget
+the result carries the per-pixel source index (``index_map``, uint16, 2 bytes/pixel,
+blended-weight argmax) and ``weights=None``.
 
 The inner network must be *local* for tiles to match the whole image: ``cascade`` is (its
 channel attention pools cells of 16 px, not the whole image, and it upsamples by exact factors,

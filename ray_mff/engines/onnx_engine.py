@@ -131,16 +131,14 @@ class _SessionPerShape:
     image's memory stays that of one tile at a time, whatever the tiles' sizes.
     """
 
-    def __init__(self, path: Path, threads: int | None, providers: list[str], first):
-        self.path, self.threads, self.providers = str(path), threads, providers
-        self.max_pixels = ARENA_MAX_PIXELS  # inputs up to this many pixels per call get an arena
-        self._fresh = first  # created by the engine (without arena) to learn its providers; not run yet
+    def __init__(self, path: Path, threads: int | None, providers: list[str], output: str, max_pixels: int):
+        self.path, self.threads, self.providers, self.output = str(path), threads, providers, output
+        self.max_pixels = max_pixels  # inputs (B, C, H, W) with B x H x W up to this get an arena
         self._sessions: OrderedDict = OrderedDict()  # (shape, has arena) -> session
-        self.output = first.get_outputs()[0].name
 
     def wants_arena(self, shape: tuple) -> bool:
-        pixels = int(np.prod(shape[:1] + tuple(shape[2:]))) if len(shape) >= 3 else int(np.prod(shape))
-        return 0 < pixels <= self.max_pixels
+        b, _, h, w = shape
+        return 0 < b * h * w <= self.max_pixels
 
     def drop_arenas(self) -> None:
         """Close the sessions that hold an arena (their memory goes back to the system)."""
@@ -159,11 +157,7 @@ class _SessionPerShape:
             held = [k for k in self._sessions if k[1]]
             for k in held[: max(0, len(held) - ARENA_SESSIONS + 1)]:
                 del self._sessions[k]
-        if self._fresh is not None and not key[1]:
-            sess, self._fresh = self._fresh, None
-        else:
-            sess = ort.InferenceSession(self.path, session_options(self.threads, arena=key[1]),
-                                        providers=self.providers)
+        sess = ort.InferenceSession(self.path, session_options(self.threads, arena=key[1]), providers=self.providers)
         self._sessions[key] = sess
         while len(self._sessions) > SESSIONS_PER_SHAPE_CACHE:
             self._sessions.popitem(last=False)
@@ -212,20 +206,20 @@ class OnnxEngine:
         asked = list(providers) if providers else default_providers()
         opts = session_options(threads)
         self.threads = opts.intra_op_num_threads
-        self._enc = ort.InferenceSession(str(encoder), opts, providers=asked)
-        self._dec = ort.InferenceSession(str(decider), opts, providers=asked)
-        # what the sessions really run on: ORT drops providers it cannot load without raising
-        self.providers = list(self._enc.get_providers())
+        # probe sessions: they load (and so check) both graphs and tell what the sessions really run
+        # on (ORT drops providers it cannot load without raising); runs get sessions per shape
+        probes = [ort.InferenceSession(str(path), opts, providers=asked) for path in self.paths]
+        self.providers = list(probes[0].get_providers())
         if CUDA in asked and CUDA not in self.providers:
             log.warning("onnxruntime: CUDAExecutionProvider was requested but could not be loaded; running on %s",
                         ", ".join(self.providers))
         on_cuda = self.providers[0] == CUDA
         self.device = "cuda:0" if on_cuda else "cpu"
         self.name = "onnxruntime-cuda" if on_cuda else "onnxruntime-cpu"
-        self._enc = _SessionPerShape(self.paths[0], self.threads, self.providers, self._enc)
-        self._dec = _SessionPerShape(self.paths[1], self.threads, self.providers, self._dec)
-        if on_cuda:  # the CPU arena only pays where the CPU computes; CUDA has its own allocator
-            self._enc.max_pixels = self._dec.max_pixels = 0
+        # the CPU arena only pays where the CPU computes; CUDA has its own allocator
+        arena_pixels = 0 if on_cuda else ARENA_MAX_PIXELS
+        self._enc, self._dec = (_SessionPerShape(path, self.threads, self.providers, probe.get_outputs()[0].name,
+                                                 arena_pixels) for path, probe in zip(self.paths, probes))
 
     def encode(self, y: np.ndarray) -> np.ndarray:
         """(B, 1, H, W) float32 luminance -> (B, C, H', W') float32 features (H', W' padded to stride)."""

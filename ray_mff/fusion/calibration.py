@@ -52,10 +52,11 @@ M0 = 1e-4
 #: boundaries, but blurs many-image stacks, whose neighbouring focus slices score alike; 0.25 (a
 #: 56/44 % pairwise preference) is the widest that keeps both within 0.005.
 TIE_MARGIN = 0.25
-#: weight of the tie-break measure. With the cascade shipped before 2026-11-22, N-source Q_G calibrated minus serial on
-#: a 9-image 800x600 subset of stack_v4: -0.0505 (0), -0.0067 (0.1), -0.0037 (0.25), -0.0021 (0.5),
-#: -0.0004 (1.0); the Lytro triples move by at most 0.0004 over 0.1-1.0. 0.5 keeps the network's
-#: decision first (it only reorders images the network scores within about 1 logit of each other).
+#: weight of the tie-break measure. With the cascade shipped before 2026-11-22, N-source Q_G
+#: calibrated minus serial on a 9-image 800x600 subset of stack_v4: -0.0505 (0), -0.0067 (0.1),
+#: -0.0037 (0.25), -0.0021 (0.5), -0.0004 (1.0); the Lytro triples move by at most 0.0004 over
+#: 0.1-1.0. 0.5 keeps the network's decision first (it only reorders images the network scores
+#: within about 1 logit of each other).
 BETA = 0.5
 
 
