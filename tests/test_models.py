@@ -239,6 +239,38 @@ def test_model_fuser_stack_modes(calibration):
         assert (idx[8:-8, inner] == k).mean() > 0.95
 
 
+class _RecordingEngine(_OracleEngine):
+    """The oracle, recording the batch of every encode call and the device it claims."""
+
+    def __init__(self, device="cpu"):
+        self.device, self.encoded = device, []
+
+    def encode(self, y):
+        self.encoded.append(len(y))
+        return super().encode(y)
+
+
+@pytest.mark.parametrize("device, calls", [("cpu", [1, 2, 2]), ("cuda:0", [3, 2])])
+def test_calibration_encodes_each_image_once_and_serial_re_encodes(device, calls):
+    imgs, _ = _synthetic_stack(5, size=32)
+    eng = _RecordingEngine(device)
+    cal = ModelFuser(eng).fuse(imgs)
+    # 5 images, each encoded once: the reference alone on CPU, with the first chunk on a GPU
+    assert eng.encoded == calls and sum(calls) == 5
+    eng.encoded.clear()
+    ser = ModelFuser(eng, calibration=False).fuse(imgs)
+    assert eng.encoded == [2, 2, 2, 2]  # serial: every step re-encodes the intermediate, 2(N-1) in all
+    # where the reference is encoded changes nothing in the result
+    forced = ModelFuser(_RecordingEngine(device), batch_reference=device == "cpu").fuse(imgs)
+    np.testing.assert_array_equal(forced.weights, cal.weights)
+    assert ser.stats["calibration"] == "serial"
+    # an engine that takes at most 2 images per call (a TensorRT profile) keeps the reference apart
+    capped = _RecordingEngine(device)
+    capped.max_batch = 2
+    ModelFuser(capped, batch_reference=True).fuse(imgs)
+    assert capped.encoded == [1, 2, 2]
+
+
 def test_model_fuser_pair_with_torch_engine(small_net):
     imgs, _ = _synthetic_stack(2, size=33)
     grey = [im[..., 0] for im in imgs]

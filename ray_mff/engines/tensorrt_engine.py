@@ -63,6 +63,9 @@ class TensorRTEngine:
             outputs = [n for n in names if n not in inputs]
             dtypes = {n: getattr(torch, _TORCH_DTYPES[engine.get_tensor_dtype(n).name]) for n in names}
             self._graphs[graph] = (engine, context, inputs, outputs, dtypes)
+        enc_engine, _, enc_inputs = self._graphs["encoder"][:3]
+        #: the largest batch the encoder's optimisation profile accepts (ModelFuser stays within it)
+        self.max_batch = int(enc_engine.get_tensor_profile_shape(enc_inputs[0], 0)[2][0])
 
     def _as_input(self, x, dtype):
         torch = self._torch

@@ -58,9 +58,15 @@ class ModelFuser:
     batch:       calibrated mode: other images per engine call (2, the batch of a serial pair), as
                  long as batch x H x W <= BATCH_PIXELS, else 1: on large images and 1024 px tiles
                  batching saves nothing and the second image's activations cost memory (a
-                 12000 x 12000 3-image stack peaked at 6.14 GiB with batch 2). (Encoding the
-                 reference in the first call too, one 3-image call for a Lytro triple, was no
-                 faster per image than a 1- and a 2-image call with ONNX Runtime.)
+                 12000 x 12000 3-image stack peaked at 6.14 GiB with batch 2).
+    batch_reference: calibrated mode: encode the reference in the first engine call too (one
+                 3-image call for a triple instead of a 1- and a 2-image call). None (default) =
+                 on GPU engines only, within BATCH_PIXELS and the engine's ``max_batch`` (if it
+                 has one: TensorRT's profile). One 528 x 528 image underfills a GPU, so a larger
+                 batch should cost less per image there (not measured: no GPU here); on CPU,
+                 ONNX Runtime costs the same per image at any batch (0.221 / 0.216 / 0.223 s
+                 per 528 x 528 image at batch 1 / 2 / 3, 2 threads), and a 3-image call exceeds
+                 the memory-arena limit (:data:`ray_mff.engines.onnx_engine.ARENA_MAX_PIXELS`).
 
     Example::
 
@@ -74,9 +80,12 @@ class ModelFuser:
 
     def __init__(self, engine, *, calibration: bool = True, reference: int | None = None, mode: str = "argmax",
                  consistency: bool = False, area_ratio: float = 0.01, batch: int = 2,
-                 name: str | None = None):
+                 batch_reference: bool | None = None, name: str | None = None):
         self.engine = engine
         self.batch = max(1, int(batch))
+        if batch_reference is None:
+            batch_reference = not str(describe_engine(engine).get("device", "cpu")).startswith("cpu")
+        self.batch_reference = bool(batch_reference)
         self.calibration = bool(calibration)
         self.reference = reference
         self.mode = mode
@@ -113,17 +122,24 @@ class ModelFuser:
     def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int) -> np.ndarray:
         n = len(lums)
         cal = DecisionCalibrator(n, ref, (h, w), mode=self.mode)
-        y_ref = self._prep(lums[ref])
-        f_ref = self.engine.encode(y_ref)
         cal.add_reference(tie_break_measure(lums[ref]))
         others = [k for k in range(n) if k != ref]
         batch = self.batch if self.batch * h * w <= BATCH_PIXELS else 1
+        chunks = [others[i:i + batch] for i in range(0, len(others), batch)]
+        first = len(chunks[0]) + 1  # the first call's batch if the reference goes with it
+        with_first = (self.batch_reference and first * h * w <= BATCH_PIXELS
+                      and first <= getattr(self.engine, "max_batch", first))
+        if not with_first:
+            y_ref = self._prep(lums[ref])
+            f_ref = self.engine.encode(y_ref)
         # the other images in chunks of ``batch``: one encode call and one decide call per chunk;
         # each image is encoded exactly once, and features of at most batch + 1 are held at a time
-        for i in range(0, len(others), batch):
-            chunk = others[i:i + batch]
-            y = np.concatenate([self._prep(lums[k]) for k in chunk], axis=0)
+        for i, chunk in enumerate(chunks):
+            first_with_ref = i == 0 and with_first
+            y = np.concatenate([self._prep(lums[k]) for k in ([ref] + chunk if first_with_ref else chunk)], axis=0)
             f = self.engine.encode(y)
+            if first_with_ref:
+                y_ref, f_ref, y, f = y[:1], f[:1], y[1:], f[1:]
             b = len(chunk)
             d = self._decide(np.repeat(f_ref, b, axis=0), f, np.repeat(y_ref, b, axis=0), y, h, w)
             for j, k in enumerate(chunk):
