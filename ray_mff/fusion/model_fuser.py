@@ -127,19 +127,20 @@ class ModelFuser:
         batch = self.batch if self.batch * h * w <= BATCH_PIXELS else 1
         chunks = [others[i:i + batch] for i in range(0, len(others), batch)]
         first = len(chunks[0]) + 1  # the first call's batch if the reference goes with it
-        with_first = (self.batch_reference and first * h * w <= BATCH_PIXELS
-                      and first <= getattr(self.engine, "max_batch", first))
-        if not with_first:
-            y_ref = self._prep(lums[ref])
-            f_ref = self.engine.encode(y_ref)
-        # the other images in chunks of ``batch``: one encode call and one decide call per chunk;
+        if self.batch_reference and first * h * w <= BATCH_PIXELS and first <= getattr(self.engine, "max_batch", first):
+            calls = [[ref] + chunks[0]] + chunks[1:]
+        else:
+            calls = [[ref]] + chunks
+        # one encode call per entry of ``calls`` and one decide call per chunk of other images;
         # each image is encoded exactly once, and features of at most batch + 1 are held at a time
-        for i, chunk in enumerate(chunks):
-            first_with_ref = i == 0 and with_first
-            y = np.concatenate([self._prep(lums[k]) for k in ([ref] + chunk if first_with_ref else chunk)], axis=0)
+        for call in calls:
+            y = np.concatenate([self._prep(lums[k]) for k in call], axis=0)
             f = self.engine.encode(y)
-            if first_with_ref:
-                y_ref, f_ref, y, f = y[:1], f[:1], y[1:], f[1:]
+            chunk = call
+            if call[0] == ref:  # the reference is encoded first, alone or with the first chunk
+                y_ref, f_ref, y, f, chunk = y[:1], f[:1], y[1:], f[1:], call[1:]
+                if not chunk:
+                    continue
             b = len(chunk)
             d = self._decide(np.repeat(f_ref, b, axis=0), f, np.repeat(y_ref, b, axis=0), y, h, w)
             for j, k in enumerate(chunk):
