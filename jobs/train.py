@@ -1,11 +1,26 @@
 """Train a fusion model with Ray Train: ``python jobs/train.py --steps 1000 --num-workers 2``.
 
 Same options as ``ray-mff train`` (see ``ray_mff/train/trainer.py``). Connects to a running Ray
-cluster when ``RAY_ADDRESS`` is set, else starts a local one.
+cluster when ``RAY_ADDRESS`` is set, else starts a local one without the dashboard (a long
+background run on a shared machine should not pay for it).
+
+The stack-native model's long run (issue 13; resumable, one thread, see
+``ray_mff/models/weights/stacknet.md``)::
+
+    OMP_NUM_THREADS=1 nohup python jobs/train.py --model stacknet --name stacknet --storage-path /work/runs \\
+        --num-workers 1 --cpus-per-worker 1 --torch-threads 1 --batch-size 4 --patch 112 --steps 60000 \\
+        --lr 1e-3 --warmup-steps 200 --report-every 10 --checkpoint-every 150 \\
+        --resume-file /work/runs/stacknet/stacknet.resume.safetensors --log-csv /work/runs/stacknet/losses.csv \\
+        > /work/runs/stacknet/train.log 2>&1 &
 """
+import os
 import sys
 
 from ray_mff.train.trainer import main
 
 if __name__ == "__main__":
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.init(include_dashboard=False, object_store_memory=256 << 20, log_to_driver=True)
     sys.exit(main())

@@ -52,7 +52,35 @@ def gaussian_psf(radius: float) -> np.ndarray:
     return (g @ g.T).astype(np.float32)
 
 
-_PSFS = {"disk": disk_psf, "gaussian": gaussian_psf}
+def polygon_psf(radius: float, blades: int = 6, rotation: float = 0.0, supersample: int = 8) -> np.ndarray:
+    """PSF of a polygonal aperture (a lens iris of ``blades`` straight blades) of circumradius
+    ``radius`` px, rotated by ``rotation`` radians, anti-aliased at its rim, summing to 1.
+
+    Defocus blur is the aperture's image scaled by the circle of confusion (geometric optics), so
+    a real lens stopped down gives a pentagon-to-nonagon, not a disk. Radii below 0.5 give the
+    identity kernel. Returns (2R+1, 2R+1) float32 with R = ceil(radius - 0.5).
+    """
+    if radius < 0.5:
+        return np.ones((1, 1), dtype=np.float32)
+    half = int(np.ceil(radius - 0.5))
+    s = int(supersample)
+    offs = (np.arange(s) + 0.5) / s - 0.5
+    c = np.arange(-half, half + 1, dtype=np.float64)
+    sub = (c[:, None] + offs[None, :]).ravel()
+    yy, xx = np.meshgrid(sub, sub, indexing="ij")
+    # inside a regular polygon: the projection on every edge normal is below the apothem
+    inside = np.ones(yy.shape, bool)
+    apothem = radius * np.cos(np.pi / blades)
+    for k in range(blades):
+        a = rotation + (2 * k + 1) * np.pi / blades
+        inside &= xx * np.cos(a) + yy * np.sin(a) <= apothem
+    k = inside.reshape(2 * half + 1, s, 2 * half + 1, s).mean(axis=(1, 3))
+    if k.sum() == 0:
+        return np.ones((1, 1), dtype=np.float32)
+    return (k / k.sum()).astype(np.float32)
+
+
+_PSFS = {"disk": disk_psf, "gaussian": gaussian_psf, "polygon": polygon_psf}
 
 
 def _blur(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -86,6 +114,24 @@ def _blob_alpha(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return np.clip(r - dist + 0.5, 0.0, 1.0).astype(np.float32)  # ~1-pixel anti-aliased rim
 
 
+def _thin_alpha(shape: tuple[int, int], rng: np.random.Generator, supersample: int = 4) -> np.ndarray:
+    """(H, W) float32 alpha of thin structures (twigs, grass blades, legs): 3-12 random polylines
+    1-3 px wide, drawn anti-aliased on a ``supersample``-times finer canvas and averaged down."""
+    h, w = shape
+    s = int(supersample)
+    canvas = np.zeros((h * s, w * s), np.uint8)
+    for _ in range(int(rng.integers(3, 13))):
+        pts = [rng.uniform(0, 1, 2) * (w * s, h * s)]
+        step = rng.uniform(0.1, 0.35) * min(h, w) * s
+        ang = rng.uniform(0, 2 * np.pi)
+        for _ in range(int(rng.integers(2, 6))):
+            ang += rng.normal(0.0, 0.5)
+            pts.append(pts[-1] + step * np.array([np.cos(ang), np.sin(ang)]))
+        width = max(1, int(round(rng.uniform(1.0, 3.0) * s)))
+        cv2.polylines(canvas, [np.round(np.array(pts)).astype(np.int32)], False, 255, width, cv2.LINE_AA)
+    return cv2.resize(canvas.astype(np.float32) / 255.0, (w, h), interpolation=cv2.INTER_AREA)
+
+
 def render_focus_stack(
     image: np.ndarray,
     n_images: int,
@@ -97,6 +143,9 @@ def render_focus_stack(
     noise_sigma: float = 0.003,
     layers: int | None = None,
     dtype: np.dtype | None = None,
+    psf_options: dict | None = None,
+    thin_prob: float = 0.0,
+    depth_jitter: float = 0.0,
 ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Render an N-image focus stack of ``image`` with known ground truth.
 
@@ -112,6 +161,12 @@ def render_focus_stack(
     layers:      number of depth layers L, 2 <= L <= N (default min(N, 5)): the background plus
                  L - 1 objects, each at its own focus depth, so every layer is sharp in one image.
     dtype:       output dtype (default: the input's); e.g. render a uint16 stack from a uint8 picture.
+    psf_options: keyword arguments of the PSF (e.g. ``{"blades": 6, "rotation": 0.3}`` for "polygon").
+    thin_prob:   probability that an object layer is thin structures (:func:`_thin_alpha`) instead of
+                 a smooth blob (default 0: the benchmark's scenes).
+    depth_jitter: layers sit up to this fraction of the focus spacing off their image's focal plane
+                 (default 0: every layer is perfectly sharp in one image), so the sharpest image
+                 of a layer is itself slightly blurred, as with a real focus sweep.
 
     Returns (stack, truth, depth_index_map):
       stack:           N arrays shaped like ``image``, of the output dtype;
@@ -139,8 +194,14 @@ def render_focus_stack(
     # Each layer sits at a distinct focus depth, farther layers at larger z.
     focus_z = np.arange(n) / (n - 1)
     layer_focus = np.sort(rng.choice(n, size=n_layers, replace=False))[::-1]
+    layer_z = focus_z[layer_focus].astype(np.float64)
+    if depth_jitter > 0:
+        layer_z = layer_z + rng.uniform(-depth_jitter, depth_jitter, n_layers) / (n - 1)
     alphas = [np.ones((h, w), dtype=np.float32)]
     for _ in range(1, n_layers):
+        if thin_prob and rng.random() < thin_prob:
+            alphas.append(_thin_alpha((h, w), rng))
+            continue
         a = _blob_alpha((h, w), rng)
         if rng.random() < 0.35:  # some layers hold two objects at the same depth
             a = np.maximum(a, _blob_alpha((h, w), rng))
@@ -154,8 +215,8 @@ def render_focus_stack(
     stack = []
     for i in range(n):
         acc = None
-        for a, f in zip(alphas, layer_focus):
-            k = make_psf(max_radius * abs(focus_z[f] - focus_z[i]))
+        for a, z in zip(alphas, layer_z):
+            k = make_psf(max_radius * abs(z - focus_z[i]), **(psf_options or {}))
             if acc is None:  # opaque background
                 acc = _blur(src, k)
                 continue

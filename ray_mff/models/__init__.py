@@ -52,6 +52,7 @@ def _ensure_builtin() -> None:
     # Importing the architecture modules runs their @register_model decorators.
     from ray_mff.models import cascade  # noqa: F401
     from ray_mff.models import cnn_classifier, mscnn, ssim_net  # noqa: F401  (issue 6: the other seed methods)
+    from ray_mff.models import stacknet  # noqa: F401  (issue 13: stack-native network, not yet the default)
 
 
 def list_models() -> list[str]:

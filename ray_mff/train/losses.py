@@ -83,3 +83,53 @@ def fusion_loss(decision: torch.Tensor, mask: torch.Tensor, y_a: torch.Tensor, y
     dice = dice_loss(decision, mask)
     qg_loss = 1.0 - q_g_soft(y_a, y_b, fused).mean()
     return {"loss": dice + qg_weight * qg_loss, "dice": dice, "qg_loss": qg_loss}
+
+
+def _charbonnier(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    return torch.sqrt(x * x + eps * eps).mean()
+
+
+def gradient_l1(fused: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean |grad fused - grad truth| over the Sobel responses, (B, 1, H, W) -> scalar: the
+    supervised counterpart of Q_G's edge preservation (a missing or doubled edge costs here)."""
+    fx, fy = _sobel(fused)
+    tx, ty = _sobel(truth)
+    return 0.125 * ((fx - tx).abs().mean() + (fy - ty).abs().mean())  # Sobel gain 8 for a unit step
+
+
+def multiclass_dice_loss(weights: torch.Tensor, onehot: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice over N classes (GACN's Dice term, Ma et al. 2022 Sec. 3.4, extended from 2 to N
+    sources), (B, N, H, W) weights and one-hot target -> scalar, averaged over classes present."""
+    dims = (2, 3)
+    inter = (weights * onehot).sum(dims)
+    denom = weights.sum(dims) + onehot.sum(dims)
+    dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+    present = (onehot.sum(dims) > 0).to(dice.dtype)
+    return (dice * present).sum() / present.sum().clamp_min(1.0)
+
+
+def stack_truth_loss(weights: torch.Tensor, fused: torch.Tensor, stack: torch.Tensor, truth: torch.Tensor,
+                     onehot: torch.Tensor, *, blend_weight: float = 0.5, grad_weight: float = 1.0,
+                     dice_weight: float = 0.05) -> dict[str, torch.Tensor]:
+    """Supervised loss of the stack-native network on the all-in-focus truth.
+
+    ``loss = charb(fused - truth) + blend_weight charb(blend - truth) + grad_weight gradient_l1(fused,
+    truth) + dice_weight dice(weights, onehot)``: the fused result must equal the truth
+    (Charbonnier, a smooth L1), and so should the pure selection (the softmax-weighted blend,
+    before the fused-result branch), so the decision learns to pick the sharp source and the
+    residual only fixes what selection cannot; the gradient term is the gradient-aware part of
+    GACN's loss (Ma et al. 2022, Sec. 3.4) written against the truth instead of Q_G against the
+    sources; Dice on the weights is GACN's decision term against the ideal decision map.
+    weights (B, N, 1, H, W), fused / truth (B, 1, H, W), stack (B, N, 1, H, W), onehot (B, N, H, W).
+    """
+    blend = (weights * stack).sum(dim=1)
+    fused_l1 = _charbonnier(fused - truth)
+    blend_l1 = _charbonnier(blend - truth)
+    grad = gradient_l1(fused, truth)
+    dice = multiclass_dice_loss(weights[:, :, 0], onehot)
+    loss = fused_l1 + blend_weight * blend_l1 + grad_weight * grad + dice_weight * dice
+    with torch.no_grad():
+        mse = ((fused.clamp(0, 1) - truth) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+        psnr = (-10.0 * torch.log10(mse)).mean()
+    return {"loss": loss, "fused_l1": fused_l1.detach(), "blend_l1": blend_l1.detach(), "grad": grad.detach(),
+            "dice": dice.detach(), "psnr": psnr}

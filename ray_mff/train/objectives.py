@@ -19,6 +19,8 @@ Objectives:
 ``ssim_multiscale``         synthetic pairs of varying size, masks unused; std-selected SSIM at
                             3 scales (``mscnn``)
 ``patch_classification``    clear / Gaussian-blurred patch pairs; binary cross-entropy (``cnn``)
+``stack_truth``             focus sweeps of 2-8 images rendered with optical PSFs; supervised on
+                            the all-in-focus truth (``stacknet``)
 ==========================  =================================================================
 """
 from __future__ import annotations
@@ -166,6 +168,22 @@ def _patch_classification_loss(model, batch: dict, cfg: dict) -> dict:
     return {"loss": bce, "bce": bce.detach(), "accuracy": accuracy}
 
 
+# --------------------------------------------------------------------------- focus sweeps with truth
+
+
+def _synthetic_stacks(images: Sequence[np.ndarray], rng: np.random.Generator, cfg: dict) -> dict:
+    from ray_mff.train.synthetic_stacks import make_batch
+
+    return make_batch(images, rng, int(cfg["patch"]))
+
+
+def _stack_truth_loss(model, batch: dict, cfg: dict) -> dict:
+    from ray_mff.train.losses import stack_truth_loss
+
+    weights, fused = model(batch["stack"])
+    return stack_truth_loss(weights, fused, batch["stack"], batch["truth"], batch["depth"])
+
+
 # --------------------------------------------------------------------------- registry
 
 OBJECTIVES: dict[str, Objective] = {
@@ -173,6 +191,7 @@ OBJECTIVES: dict[str, Objective] = {
     "ssim_select": Objective("ssim_select", _variable_size_pairs, _ssim_select_loss),
     "ssim_multiscale": Objective("ssim_multiscale", _variable_size_pairs, _ssim_multiscale_loss),
     "patch_classification": Objective("patch_classification", _patch_pairs, _patch_classification_loss),
+    "stack_truth": Objective("stack_truth", _synthetic_stacks, _stack_truth_loss),
 }
 
 

@@ -65,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
     "max_failures": 0,
     "export": None,  # where to write the best weights (.safetensors); None: <storage>/<name>/<model>.safetensors
     "init_weights": None,  # optional safetensors file to start from (fine-tuning)
+    "torch_threads": None,  # intra-op threads per worker (None: torch's default); 1 leaves cores to others
+    "resume_file": None,  # one-file training state (ray_mff.train.resume_file): read to resume, rewritten at checkpoints
+    "log_csv": None,  # append every report's metrics to this CSV (rank 0)
 }
 
 
@@ -127,6 +130,28 @@ def _validation_set(cfg: dict, objective) -> dict[str, np.ndarray] | None:
     return objective.make_batch(images, rng, cfg)
 
 
+def _append_csv(path: str, metrics: dict) -> None:
+    """Append one report to a CSV of losses; the header (the first report's numeric keys, then
+    their ``val_`` versions) is written when the file is new."""
+    import csv
+
+    exists = os.path.exists(path) and os.path.getsize(path) > 0
+    if exists:
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f))
+    else:
+        terms = [k for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not k.startswith("val_") and k != "best_val"]
+        columns = terms + [f"val_{k}" for k in terms if k not in ("step", "lr", "wall_s", "resumed_from",
+                                                                      "best_val")] + ["best_val"]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        if not exists:
+            w.writeheader()
+        w.writerow({k: metrics.get(k, "") for k in columns})
+
+
 def _state_to_cpu(model) -> dict:
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
 
@@ -142,6 +167,11 @@ def train_loop_per_worker(config: dict) -> None:
     from ray_mff.train.objectives import objective_for
 
     cfg = {**DEFAULTS, **config}
+    if cfg.get("torch_threads"):
+        import cv2
+
+        torch.set_num_threads(int(cfg["torch_threads"]))
+        cv2.setNumThreads(int(cfg["torch_threads"]))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg["seed"])  # same init on every rank (DDP also broadcasts rank 0's weights)
@@ -167,6 +197,14 @@ def train_loop_per_worker(config: dict) -> None:
         start_step, best_val, wall_before = st["step"], st.get("best_val", math.inf), st.get("wall_s", 0.0)
         if rank == 0:
             print(f"[train] resuming from step {start_step} (best val {best_val:.4f})", flush=True)
+    elif cfg.get("resume_file") and os.path.exists(cfg["resume_file"]):
+        from ray_mff.train.resume_file import load_resume_file
+
+        model_state, best_state, opt_state, st = load_resume_file(cfg["resume_file"])
+        net.load_state_dict(model_state)
+        start_step, best_val, wall_before = st["step"], st.get("best_val", math.inf), st.get("wall_s", 0.0)
+        if rank == 0:
+            print(f"[train] resuming from {cfg['resume_file']} at step {start_step}", flush=True)
 
     model = ray.train.torch.prepare_model(net)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -238,6 +276,14 @@ def train_loop_per_worker(config: dict) -> None:
                     with open(os.path.join(ckpt_dir, "state.json"), "w") as f:
                         json.dump({"step": step, "best_val": best_val, "wall_s": metrics["wall_s"]}, f)
                     ckpt = ray.train.Checkpoint.from_directory(ckpt_dir)
+                    if cfg.get("resume_file"):
+                        from ray_mff.train.resume_file import save_resume_file
+
+                        save_resume_file(cfg["resume_file"], raw, opt, best_state,
+                                         {"step": step, "best_val": best_val, "wall_s": metrics["wall_s"],
+                                          "model": cfg["model"], "config": cfg["model_config"]})
+            if rank == 0 and cfg.get("log_csv"):
+                _append_csv(cfg["log_csv"], metrics)
             if rank == 0:
                 print("[train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in metrics.items()), flush=True)
@@ -365,6 +411,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-failures", type=int, default=d["max_failures"], help="worker crashes to recover from")
     parser.add_argument("--export", default=None, help="where to write the best weights (.safetensors)")
     parser.add_argument("--init-weights", default=None, help="safetensors file to start from")
+    parser.add_argument("--torch-threads", type=int, default=None, help="intra-op threads per worker")
+    parser.add_argument("--resume-file", default=None,
+                        help="one-file training state: resumed from when no Ray checkpoint exists, rewritten at "
+                             "every checkpoint (copy it anywhere to carry a run across machines)")
+    parser.add_argument("--log-csv", default=None, help="append every report's losses to this CSV")
+    parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
     return parser
 
 
@@ -378,7 +430,14 @@ def config_from_args(args: argparse.Namespace) -> dict:
         "storage_path": args.storage_path, "s3_endpoint": args.s3_endpoint, "name": args.name,
         "report_every": args.report_every, "checkpoint_every": args.checkpoint_every,
         "max_failures": args.max_failures, "export": args.export, "init_weights": args.init_weights,
+        "torch_threads": args.torch_threads, "resume_file": _abs(args.resume_file), "log_csv": _abs(args.log_csv),
+        "warmup_steps": args.warmup_steps,
     }
+
+
+def _abs(path: str | None) -> str | None:
+    """Workers run in their own directory: local paths travel absolute."""
+    return os.path.abspath(path) if path and "://" not in path else path
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,0 +1,123 @@
+"""The stack-native network (issue 13): shapes for N = 2..8, equivariance in N, locality (a crop
+equals the whole image away from its border), ONNX Runtime parity, the stack fuser's modes, the
+optical training data and the one-file resumable training state. Random weights, small images:
+fast on purpose."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ray_mff.models import build_model
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_model("stacknet").eval()
+
+
+def test_shapes_for_every_stack_size(net):
+    for n in range(2, 9):
+        w, fused = net(torch.rand(1, n, 1, 21, 30))
+        assert w.shape == (1, n, 1, 21, 30) and fused.shape == (1, 1, 21, 30)
+        assert torch.allclose(w.sum(dim=1), torch.ones(1, 1, 21, 30), atol=1e-5)
+
+
+def test_permuting_the_stack_permutes_the_weights(net):
+    x = torch.rand(2, 5, 1, 40, 36)
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    with torch.no_grad():
+        w1, f1 = net(x)
+        w2, f2 = net(x[:, perm])
+    assert torch.allclose(w1[:, perm], w2, atol=1e-6)
+    assert torch.allclose(f1, f2, atol=1e-6)
+
+
+def test_flops_per_pixel_in_budget(net):
+    from ray_mff.models.stacknet import flops_per_pixel
+
+    for n in (2, 4, 8):
+        assert 10e3 <= flops_per_pixel(net, n, size=64) <= 15e3
+
+
+def test_crop_matches_whole_image_away_from_its_border(net):
+    """Locality: what tiling relies on. A crop on the stride grid sees the whole image's values
+    wherever its receptive field stays inside the crop (here: 96 px from the cut)."""
+    x = torch.rand(1, 2, 1, 192, 224)
+    with torch.no_grad():
+        w_all, f_all = net(x)
+        w_crop, f_crop = net(x[..., :, :192])  # cut at column 192 (a multiple of the stride 4)
+    assert torch.allclose(w_all[..., :96], w_crop[..., :96], atol=1e-5)
+    assert torch.allclose(f_all[..., :96], f_crop[..., :96], atol=1e-5)
+
+
+def test_onnx_runtime_matches_torch(net, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ray_mff.engines.stack_engine import StackOnnxEngine, StackTorchEngine, export_stack_model
+    from ray_mff.fusion.stack_fuser import StackFuser
+
+    enc, joint = export_stack_model(net, tmp_path)
+    onnx, ref = StackOnnxEngine(enc, joint, threads=1), StackTorchEngine(net)
+    rng = np.random.default_rng(0)
+    for n in (2, 4):  # one graph, any N (the export traced 3)
+        stack = [(rng.random((50, 46, 3)) * 255).astype(np.uint8) for _ in range(n)]
+        a, b = StackFuser(ref).fuse(stack), StackFuser(onnx).fuse(stack)
+        assert np.abs(a.fused.astype(int) - b.fused.astype(int)).max() <= 1
+        assert np.abs(a.weights - b.weights).max() < 1e-4
+
+
+def test_fuser_modes_dtypes_and_calibration(net):
+    from ray_mff.engines.stack_engine import StackTorchEngine
+    from ray_mff.fusion.stack_fuser import StackFuser
+
+    engine = StackTorchEngine(net)
+    rng = np.random.default_rng(1)
+    grey16 = [(rng.random((33, 41)) * 65535).astype(np.uint16) for _ in range(2)]
+    r = StackFuser(engine).fuse(grey16)
+    assert r.fused.dtype == np.uint16 and r.fused.shape == (33, 41) and r.stats["calibration"] == "pair"
+    stack = [(rng.random((32, 36, 3)) * 255).astype(np.uint8) for _ in range(7)]
+    joint = StackFuser(engine, calibration=False, chunk=3).fuse(stack)
+    cal = StackFuser(engine, chunk=3).fuse(stack)
+    assert joint.stats["calibration"] == "joint" and cal.stats["calibration"] == "calibrated"
+    for res in (joint, cal):
+        assert res.fused.shape == (32, 36, 3) and res.fused.dtype == np.uint8
+        assert np.allclose(res.weights.sum(axis=-1), 1.0, atol=1e-4)
+    # a chunk that holds the whole stack is the joint pass itself
+    one = StackFuser(engine, chunk=8).fuse(stack)
+    assert one.stats["calibration"] == "joint" and np.array_equal(one.fused, joint.fused)
+
+
+def test_polygon_psf_and_training_stacks():
+    from ray_mff.synthetic import polygon_psf
+    from ray_mff.train.synthetic_stacks import make_batch
+
+    k = polygon_psf(5.0, blades=6, rotation=0.2)
+    assert k.shape == (11, 11) and abs(float(k.sum()) - 1.0) < 1e-5
+    img = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
+    b = make_batch([img, img], np.random.default_rng(3), patch=48, n=5)
+    assert b["stack"].shape == (2, 5, 1, 48, 48) and b["truth"].shape == (2, 1, 48, 48)
+    assert np.allclose(b["depth"].sum(axis=1), 1.0)
+    assert b["stack"].min() >= 0.0 and b["stack"].max() <= 1.0
+
+
+def test_stack_truth_loss_and_resume_file_round_trip(net, tmp_path):
+    from ray_mff.train.losses import stack_truth_loss
+    from ray_mff.train.resume_file import load_resume_file, save_resume_file
+
+    net = build_model("stacknet")
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    stack = torch.rand(2, 3, 1, 32, 32)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 32, 32)), 3).permute(0, 3, 1, 2).float()
+    w, fused = net(stack)
+    terms = stack_truth_loss(w, fused, stack, stack[:, 0], onehot)
+    terms["loss"].backward()
+    opt.step()
+    path = save_resume_file(tmp_path / "r.safetensors", net, opt, None, {"step": 7, "best_val": 0.5})
+    model, best, opt_state, state = load_resume_file(path)
+    assert state["step"] == 7 and best is None
+    fresh = build_model("stacknet")
+    fresh.load_state_dict(model)
+    opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    opt2.load_state_dict(opt_state)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
