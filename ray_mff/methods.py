@@ -94,6 +94,12 @@ def get_fuser(
 
     if name not in list_models():
         raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(list_methods())}")
+    from ray_mff.fusion.stack_fuser import stack_fuser_for
+
+    stack = stack_fuser_for(name, engine=engine, precision=precision, weights=weights, calibration=calibration,
+                            **options)
+    if stack is not None:  # stack-native (issue 13): untiled for now, tiling blends weights only
+        return stack
     from ray_mff.engines import make_engine
     from ray_mff.fusion.model_fuser import ModelFuser
 

@@ -180,4 +180,6 @@ def make_stack_engine(model="stacknet", *, engine: str = "auto", weights="defaul
         return StackTorchEngine(net)
     if engine == "onnx":
         return StackOnnxEngine(*cached_stack_onnx(net), threads=threads)
-    raise ValueError(f"stack engines: 'auto', 'torch' or 'onnx', got {engine!r}")
+    from ray_mff.errors import EngineUnavailableError
+
+    raise EngineUnavailableError(f"stack-native models run on the 'torch' and 'onnx' engines only (not yet {engine!r})")

@@ -135,6 +135,21 @@ class StackFuser:
         return FusionResult(fused=fused, weights=weights, method=self.name, stats=stats)
 
 
+def stack_fuser_for(name: str, *, engine: str = "auto", precision: str = "fp32", weights="default",
+                    calibration: bool = True, **options) -> StackFuser | None:
+    """A :class:`StackFuser` when the registered model ``name`` is stack-native (has
+    ``decide_stack``), else None (a pair model: :class:`ray_mff.fusion.model_fuser.ModelFuser`)."""
+    from ray_mff.engines.stack_engine import make_stack_engine
+    from ray_mff.errors import EngineUnavailableError
+    from ray_mff.models import build_model
+
+    if not hasattr(build_model(name), "decide_stack"):
+        return None
+    if precision != "fp32":
+        raise EngineUnavailableError(f"stack-native model {name!r} runs in fp32 only (asked for {precision})")
+    return StackFuser(make_stack_engine(name, engine=engine, weights=weights), calibration=calibration, **options)
+
+
 def fuse_with_correction(images: Sequence[np.ndarray], weights: np.ndarray, correction: np.ndarray) -> np.ndarray:
     """F = sum_n W_n I_n + correction on every channel, in unit float, back to the sources' dtype.
 

@@ -13,13 +13,14 @@ image fusion result", Neurocomputing 470, 2022). Pairs are N = 2 of the same net
    happens at reduced resolution. The 1/2-resolution features are folded into the 1/4 grid
    (``pixel_unshuffle``) so :meth:`StackNet.encode` returns one tensor per image.
 2. **Joint comparison over the stack**: every joint layer sees each image's features next to
-   the stack's maximum and mean over N (a permutation-equivariant "DeepSets" layer, Zaheer et
+   the stack's maximum over N (a permutation-equivariant "DeepSets" layer, Zaheer et
    al., NeurIPS 2017), so the network compares each image with all the others at once, for any
    N >= 2, and swapping images swaps the outputs. Two joint stages at 1/4 resolution (with
    dilated context, dilations 4 and 8, so flat regions inherit the decision of the focused edges
-   around them), one at 1/2 resolution, one at full resolution guided by the image itself (its
-   stem features), each adding a correction to per-image focus logits upsampled by an exact
-   factor 2. Weights are the softmax of the logits over N.
+   around them) and one at 1/2 resolution, each adding a correction to per-image focus logits
+   upsampled by an exact factor 2; at full resolution the logit is a local linear model in the
+   image itself (coefficients from the 1/2-resolution stage: the guided filter's form), so
+   boundaries follow the image's edges to the pixel. Weights are the softmax of the logits over N.
 3. **Fused-result branch** (once per stack): a small full-resolution network reads the weighted
    blend, the stack's disagreement under the weights (weighted variance) and the decision's
    uncertainty, and the stack's per-pixel extremes (all symmetric in the images), and predicts a
@@ -144,14 +145,12 @@ class StackNet(nn.Module):
         # at 1/2 resolution: the image's own half-resolution features + the upsampled context
         self.half_in = _conv(half_out, fine)
         self.joint_half = JointLayer(fine, fine, dilation=1)
-        # logit correction and the coefficients (a, b) of a local linear model in the guide
+        # logit correction and the coefficients (a, b) of a local linear model in the image
         self.head2 = _conv(fine, 3, kernel=1)
-        # full-resolution guide (Wu et al., "Fast end-to-end trainable guided filter", CVPR 2018):
-        # logit = up(l2) + up(a) * guide + up(b), so boundaries follow image edges to the pixel
-        self.guide = _conv(stem, 1)
-        # 3. fused-result branch (once per stack): [blend, weighted std, uncertainty]
+        # 3. fused-result branch (once per stack): [blend, weighted std, uncertainty]; 1x1 after the
+        # first layer (ONNX Runtime runs few-channel 3x3 outputs at full resolution slowly)
         self.fused_net = nn.Sequential(_conv(3, fused), nn.ReLU(), _conv(fused, fused, kernel=1), nn.ReLU(),
-                                       _conv(fused, 2))
+                                       _conv(fused, 2, kernel=1))
 
     def config(self) -> dict:
         """Constructor arguments (stored in the safetensors metadata by ``save_weights``)."""
@@ -186,10 +185,13 @@ class StackNet(nn.Module):
         return self._logits(self.half_logits(feats), y)
 
     def _logits(self, half: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # full resolution: a local linear model in the image itself, logit = up(l2) + up(a) y + up(b)
+        # (the guided filter's form, He et al. 2013, with coefficients predicted at 1/2 resolution as
+        # in Wu et al., "Fast end-to-end trainable guided filter", CVPR 2018): boundaries follow the
+        # image's edges to the pixel, at the cost of a few element-wise passes
         b = half.shape[0]
         lab = _up2(half.flatten(0, 1))
-        guide = self.guide(F.relu(self.stem(y.flatten(0, 1))))
-        return (lab[:, :1] + lab[:, 1:2] * guide + lab[:, 2:]).unflatten(0, (b, -1))
+        return (lab[:, :1] + lab[:, 1:2] * y.flatten(0, 1) + lab[:, 2:]).unflatten(0, (b, -1))
 
     def fuse_result(self, weights: torch.Tensor, y: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
         """Fused luminance (B, 1, H, W): the weighted blend plus a residual gated to ``band``."""

@@ -60,3 +60,33 @@ def load_resume_file(path: str | os.PathLike) -> tuple[dict, dict | None, dict, 
             opt_state.setdefault(int(idx), {})[key] = v
     optimizer = {"state": opt_state, "param_groups": json.loads(meta["param_groups"])}
     return model, best, optimizer, json.loads(meta["state"])
+
+
+def export_weights(resume: str | os.PathLike, out: str | os.PathLike, *, which: str = "model") -> Path:
+    """Write the ``model`` (latest) or ``best`` weights of a resume file as a shipped-format
+    safetensors file (:func:`ray_mff.models.save_weights`), e.g. to benchmark a running training::
+
+        python -m ray_mff.train.resume_file /work/runs/stacknet/stacknet.resume.safetensors /tmp/stacknet.safetensors
+    """
+    from ray_mff.models import build_model, save_weights
+
+    model, best, _, state = load_resume_file(resume)
+    if which == "best":
+        if best is None:
+            raise ValueError(f"{resume}: holds no best weights")
+        model = best
+    net = build_model(state["model"], **(state.get("config") or {}))
+    net.load_state_dict(model)
+    return save_weights(net, out, {"trained_steps": state["step"], "weights": which,
+                                   "best_val_loss": state.get("best_val"), "wall_s": state.get("wall_s")})
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="resume file -> shipped-format weights")
+    p.add_argument("resume")
+    p.add_argument("out")
+    p.add_argument("--which", choices=("model", "best"), default="model")
+    a = p.parse_args()
+    print(export_weights(a.resume, a.out, which=a.which))
