@@ -105,16 +105,19 @@ def openfocus_cli() -> str | None:
 
 
 def run_openfocus(cli: str, stacks: list[list[np.ndarray]], work: Path) -> tuple[list[np.ndarray], float]:
-    """Fuse stacks with the openfocus CLI in its batch mode (``-d`` folder of stack folders, CPU):
-    one call for all, as a user would run it -> (fused images in order, wall seconds)."""
+    """Fuse stacks with the openfocus CLI (StackMFF-V3, its defaults otherwise) in its batch mode
+    (``-i`` stack folders ``-d`` output folder, ``--cpu``): one call for all, as a user would run it
+    -> (fused images in order, wall seconds, model loading included)."""
     src, dst = work / "in", work / "out"
+    folders = []
     for i, stack in enumerate(stacks):
         d = src / f"s{i:04d}"
         d.mkdir(parents=True)
         for k, img in enumerate(stack):
             io.write_image(str(d / f"{k:02d}.png"), img)
+        folders.append(str(d))
     dst.mkdir(parents=True)
-    cmd = [cli, "-d", str(src), "-o", str(dst), "--cpu"]
+    cmd = [cli, "-i", *folders, "-d", str(dst), "-m", "stackmffv3", "--cpu"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
