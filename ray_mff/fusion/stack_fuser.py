@@ -12,9 +12,10 @@ Per stack (luminance in, every channel out):
   (the middle one) joins every chunk of ``chunk - 1`` other images, so every chunk's logits can be
   read relative to the same image. The logits of a softmax are focus scores up to a per-pixel
   constant, so ``s_k = l_k - l_r`` is image k's score on a scale shared by all chunks; in the form
-  :class:`ray_mff.fusion.calibration.DecisionCalibrator` takes, D_k = sigmoid(l_r - l_k) =
-  P(r sharper than k), whose calibrated score is exactly logit(1 - D_k) = s_k. Softmax
-  calibration (temperature 1, no tie-break measure: the joint network already ranks ties) then
+  :class:`ray_mff.fusion.calibration.DecisionCalibrator` takes, D_k = sigmoid((l_r - l_k) / c) =
+  P(r sharper than k) at temperature c, whose calibrated score is exactly logit(1 - D_k) = s_k / c
+  (c = :data:`CAL_SCALE` keeps it inside the calibrator's clip). Softmax calibration
+  (temperature 1 / c, no tie-break measure: the joint network already ranks ties) then
   gives the weights the one-pass softmax would give if every chunk saw the same context; the
   correction is taken, per pixel, from the chunk holding the best-scoring image. Each image is
   encoded once; memory holds one chunk's features and the calibrator's scores.
@@ -45,6 +46,12 @@ from ray_mff.fusion.result import FusionResult
 DEFAULT_CHUNK = 8
 #: images per encoder call at most this many pixels (batch x H x W)
 ENCODE_PIXELS = 1 << 21
+#: relative logits go to the calibrator divided by this (and its softmax temperature is 1 / this):
+#: its scores are clipped at logit(1 - CAL_EPS) = 13.8, and a trained network's logits differ by
+#: tens, so unscaled every image much sharper than the reference would tie at the clip and be
+#: blended (measured: 12-image stacks, 35.1 dB calibrated vs 40.5 dB joint, step-150 weights)
+CAL_SCALE = 4.0
+CAL_EPS = 1e-6
 
 
 class StackFuser:
@@ -88,7 +95,7 @@ class StackFuser:
 
     def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(lums)
-        cal = DecisionCalibrator(n, ref, (h, w), mode="softmax", beta=0.0)
+        cal = DecisionCalibrator(n, ref, (h, w), mode="softmax", beta=0.0, eps=CAL_EPS, temperature=1.0 / CAL_SCALE)
         cal.add_reference()
         y_ref = self._prep(lums[ref])
         f_ref = self._encode([y_ref])
@@ -104,7 +111,9 @@ class StackFuser:
             logit = crop_to(logit, h, w)[:, 0]
             rel = logit[1:] - logit[:1]  # s_k = l_k - l_ref, on the scale every chunk shares
             for j, k in enumerate(part):
-                cal.add(k, (1.0 / (1.0 + np.exp(rel[j]))).astype(np.float32))  # D_k = sigmoid(l_ref - l_k)
+                # D_k = sigmoid((l_ref - l_k) / CAL_SCALE): the calibrator reads back s_k / CAL_SCALE
+                z = np.clip(rel[j] / CAL_SCALE, -30.0, 30.0)
+                cal.add(k, (1.0 / (1.0 + np.exp(z))).astype(np.float32))
             top = np.maximum(rel.max(axis=0), 0.0)  # the chunk's best score (the reference scores 0)
             blend = np.einsum("nhw,nhw->hw", crop_to(wts, h, w)[:, 0], crop_to(y, h, w)[:, 0])
             take = top > best_chunk
