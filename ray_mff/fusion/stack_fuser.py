@@ -46,6 +46,9 @@ from ray_mff.fusion.result import FusionResult
 DEFAULT_CHUNK = 8
 #: images per encoder call at most this many pixels (batch x H x W)
 ENCODE_PIXELS = 1 << 21
+#: calibrated mode: a chunk holds at most this many pixels (images x H x W), so large images go in
+#: smaller chunks (a chunk of 8 stack_v4 images, 1600 x 1200, peaked at 2.67 GB for 17 images)
+CHUNK_PIXELS = 1 << 23
 #: relative logits go to the calibrator divided by this (and its softmax temperature is 1 / this):
 #: its scores are clipped at logit(1 - CAL_EPS) = 13.8, and a trained network's logits differ by
 #: tens, so unscaled every image much sharper than the reference would tie at the clip and be
@@ -60,7 +63,8 @@ class StackFuser:
     engine:      a stack engine (``encode``, ``decide_stack``, ``stride``).
     calibration: N > ``chunk``: True = chunks calibrated against a reference, False = one joint
                  pass over the whole stack (the reference mode; memory grows with N).
-    chunk:       images per joint pass in calibrated mode (>= 2, the reference included).
+    chunk:       images per joint pass in calibrated mode (>= 2, the reference included); fewer
+                 when they would exceed :data:`CHUNK_PIXELS`.
     reference:   calibration reference; None = the middle image (N // 2).
     """
 
@@ -93,7 +97,8 @@ class StackFuser:
         blend = np.einsum("nhw,nhw->hw", wts, crop_to(y, h, w)[:, 0])
         return np.ascontiguousarray(np.moveaxis(wts, 0, -1)), crop_to(fused, h, w)[0, 0] - blend
 
-    def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int) -> tuple[np.ndarray, np.ndarray]:
+    def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int,
+                    chunk: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(lums)
         cal = DecisionCalibrator(n, ref, (h, w), mode="softmax", beta=0.0, eps=CAL_EPS, temperature=1.0 / CAL_SCALE)
         cal.add_reference()
@@ -102,8 +107,8 @@ class StackFuser:
         others = [k for k in range(n) if k != ref]
         correction = np.zeros((h, w), np.float32)
         best_chunk = np.full((h, w), -np.inf, np.float32)
-        for i in range(0, len(others), self.chunk - 1):
-            part = others[i:i + self.chunk - 1]
+        for i in range(0, len(others), chunk - 1):
+            part = others[i:i + chunk - 1]
             ys = [self._prep(lums[k]) for k in part]
             feats = np.concatenate([f_ref, self._encode(ys)], axis=0)
             y = np.concatenate([y_ref] + ys, axis=0)
@@ -129,17 +134,18 @@ class StackFuser:
         h, w = images[0].shape[:2]
         lums = [luminance(img) for img in images]
         ref = None
-        if n <= self.chunk or not self.calibration:
+        chunk = max(2, min(self.chunk, CHUNK_PIXELS // (h * w)))
+        if n <= chunk or not self.calibration:
             weights, correction = self._joint(lums, h, w)
             mode = "pair" if n == 2 else "joint"
         else:
             ref = n // 2 if self.reference is None else int(self.reference)
-            weights, correction = self._calibrated(lums, h, w, ref)
+            weights, correction = self._calibrated(lums, h, w, ref, chunk)
             mode = "calibrated"
         fused = fuse_with_correction(images, weights, correction)
         desc = describe_engine(self.engine)
         stats = {"engine": desc.get("engine", "?"), "precision": desc.get("precision", "fp32"),
-                 "device": desc.get("device", "cpu"), "calibration": mode, "reference": ref, "chunk": self.chunk,
+                 "device": desc.get("device", "cpu"), "calibration": mode, "reference": ref, "chunk": chunk,
                  "n": n, "seconds": time.perf_counter() - t0}
         return FusionResult(fused=fused, weights=weights, method=self.name, stats=stats)
 
