@@ -98,8 +98,8 @@ def get_fuser(
 
     stack = stack_fuser_for(name, engine=engine, precision=precision, weights=weights, calibration=calibration,
                             **options)
-    if stack is not None:  # stack-native (issue 13): untiled for now, tiling blends weights only
-        return stack
+    if stack is not None:  # stack-native (issue 13): StackFuser, tiled like the pair models
+        return maybe_tiled(stack, DEFAULT_TILE_SIZE if tile_size is None else tile_size)
     from ray_mff.engines import make_engine
     from ray_mff.fusion.model_fuser import ModelFuser
 

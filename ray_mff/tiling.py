@@ -215,6 +215,9 @@ class TiledFuser:
                     by_weights = result.weights is not None
                     inner_stats = dict(result.stats)
                 tile = result.weights if by_weights else result.fused
+                correction = getattr(result, "correction", None) if by_weights else None
+                if correction is not None:  # stack-native models: blended like one more weight channel
+                    tile = np.concatenate([tile, correction[..., None]], axis=-1)
                 # the part of the tile inside its blend support, times the separable window
                 part = tile[r0 - y0:r1 - y0, cs.support[0] - x0:cs.support[1] - x0].astype(np.float32, copy=False)
                 window = row_window[:, None] * col_windows[j][None, :]
@@ -240,7 +243,16 @@ class TiledFuser:
             b = min(band.shape[0], a + FUSE_CHUNK_ROWS)
             chunk = band[a:b]
             y0, y1 = r0 + a, r0 + b
-            if by_weights:
+            if by_weights and chunk.shape[-1] == len(images) + 1:  # weights + luminance correction
+                from ray_mff.fusion.stack_fuser import fuse_with_correction
+
+                chunk, correction = chunk[..., :-1], chunk[..., -1]
+                out[y0:y1] = fuse_with_correction([np.asarray(img)[y0:y1] for img in images], chunk, correction)
+                if full_weights is not None:
+                    full_weights[y0:y1] = chunk
+                else:
+                    index_map[y0:y1] = np.argmax(chunk, axis=-1)
+            elif by_weights:
                 out[y0:y1] = fuse_with_weights([np.asarray(img)[y0:y1] for img in images], chunk)
                 if full_weights is not None:
                     full_weights[y0:y1] = chunk

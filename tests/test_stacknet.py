@@ -149,3 +149,26 @@ def test_calibrated_chunks_reproduce_the_joint_softmax():
     cal = StackFuser(_ContextFreeEngine(), chunk=3).fuse(stack)
     assert np.abs(joint.weights - cal.weights).max() < 1e-4
     assert np.abs(joint.fused - cal.fused).max() < 1e-4
+
+
+def test_tiled_equals_untiled_with_the_correction():
+    """TiledFuser blends the fused-result correction like a weight channel (the network's own
+    locality is tested above: a crop equals the whole image). The fake engine's correction is
+    pointwise and non-zero, so tiled and untiled must agree to rounding."""
+    from ray_mff.fusion.stack_fuser import StackFuser
+    from ray_mff.tiling import TiledFuser
+
+    class CorrectingEngine(_ContextFreeEngine):
+        def decide_stack(self, feats, y):
+            logit, w, fused = super().decide_stack(feats, y)
+            return logit, w, fused + 0.05 * np.sin(10.0 * fused)
+
+    rng = np.random.default_rng(4)
+    stack = [(rng.random((300, 260, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    inner = StackFuser(CorrectingEngine())
+    whole = inner.fuse(stack)
+    tiled = TiledFuser(inner, tile_size=128, margin=16, feather=16, align=4, untiled_max_side=128).fuse(stack)
+    assert tiled.stats["tiles"] > 1
+    assert np.abs(whole.correction).max() > 0.01
+    assert np.abs(whole.fused.astype(int) - tiled.fused.astype(int)).max() <= 1
+    assert np.abs(whole.weights - tiled.weights).max() < 1e-4

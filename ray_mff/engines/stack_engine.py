@@ -18,6 +18,7 @@ memory-arena policy of :class:`ray_mff.engines.onnx_engine.OnnxEngine`, and ``ma
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -151,6 +152,7 @@ class StackOnnxEngine:
                                                 providers=["CPUExecutionProvider"]) for arena in (True, False)}
 
         self._encoder, self._joint = sessions(encoder), sessions(joint)
+        self._arena_pixels = ARENA_PIXELS
         self.encoder = self._encoder[False]
         meta = Path(encoder).with_name("meta.json")
         info = json.loads(meta.read_text()) if meta.is_file() else {}
@@ -159,14 +161,23 @@ class StackOnnxEngine:
         self.name, self.device = "onnxruntime-cpu", "cpu"
 
     def encode(self, y: np.ndarray) -> np.ndarray:
-        session = self._encoder[y.size <= ARENA_PIXELS]
+        session = self._encoder[y.size <= self._arena_pixels]
         return session.run(None, {"y": np.ascontiguousarray(y, dtype=np.float32)})[0]
 
     def decide_stack(self, feats: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        session = self._joint[y.size <= ARENA_PIXELS]
+        session = self._joint[y.size <= self._arena_pixels]
         logit, w, fused = session.run(None, {"feats": np.ascontiguousarray(feats, dtype=np.float32),
                                              "y": np.ascontiguousarray(y, dtype=np.float32)})
         return logit, w, fused
+
+    @contextlib.contextmanager
+    def without_arena(self):
+        """No memory kept between calls while tiling (as :meth:`OnnxEngine.without_arena`)."""
+        before, self._arena_pixels = self._arena_pixels, 0
+        try:
+            yield self
+        finally:
+            self._arena_pixels = before
 
     def describe(self) -> dict:
         return {"engine": "onnxruntime", "providers": self.encoder.get_providers(), "precision": "fp32",

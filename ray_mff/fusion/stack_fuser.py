@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -55,6 +56,14 @@ CHUNK_PIXELS = 1 << 23
 #: blended (measured: 12-image stacks, 35.1 dB calibrated vs 40.5 dB joint, step-150 weights)
 CAL_SCALE = 4.0
 CAL_EPS = 1e-6
+
+
+@dataclass
+class StackFusionResult(FusionResult):
+    """A :class:`FusionResult` plus the fused-result branch's luminance correction (H, W), so
+    :class:`ray_mff.tiling.TiledFuser` can blend it across tiles like the weights."""
+
+    correction: np.ndarray | None = field(default=None, repr=False)
 
 
 class StackFuser:
@@ -147,7 +156,7 @@ class StackFuser:
         stats = {"engine": desc.get("engine", "?"), "precision": desc.get("precision", "fp32"),
                  "device": desc.get("device", "cpu"), "calibration": mode, "reference": ref, "chunk": chunk,
                  "n": n, "seconds": time.perf_counter() - t0}
-        return FusionResult(fused=fused, weights=weights, method=self.name, stats=stats)
+        return StackFusionResult(fused=fused, weights=weights, method=self.name, stats=stats, correction=correction)
 
 
 def stack_fuser_for(name: str, *, engine: str = "auto", precision: str = "fp32", weights="default",
