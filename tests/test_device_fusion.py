@@ -148,3 +148,20 @@ def test_tiled_fusion_keeps_features_on_the_device(models):
     ref = TiledFuser(ModelFuser(TorchEngine(models["cnn"]), batch_reference=True), tile_size=128, margin=16,
                      feather=8, untiled_max_side=128).fuse(images)
     _assert_same(tiled, ref)
+
+
+def test_onnxruntime_iobinding_keeps_features_in_torch_tensors(models, tmp_path):
+    """The IOBinding path of the ONNX Runtime engine (what runs on CUDA) bound to CPU torch tensors:
+    features are tensors, never numpy, and every fuser path gives the plain session's result."""
+    from ray_mff.engines.onnx_engine import OnnxEngine
+    from ray_mff.export import export_model
+
+    paths = export_model(models["cascade"], tmp_path, "fp32", name="cascade", verify=False)
+    bound = OnnxEngine(paths["encoder"], paths["decider"], threads=1, iobinding=True)
+    plain = OnnxEngine(paths["encoder"], paths["decider"], threads=1)
+    y = np.random.default_rng(0).random((2, 1, 40, 50), dtype=np.float32)
+    f = bound.encode(y)
+    assert isinstance(f, torch.Tensor) and tuple(f.shape) == tuple(plain.encode(y).shape)
+    for n, options in ((2, {}), (3, {"batch_reference": True}), (4, {"calibration": False})):
+        images = _stack(n)
+        _assert_same(ModelFuser(bound, **options).fuse(images), ModelFuser(plain, **options).fuse(images))
