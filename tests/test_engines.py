@@ -44,7 +44,24 @@ def _env(trt=False, cuda=False, ort_cuda=False):
 
 
 def test_auto_prefers_tensorrt_with_cuda():
-    assert select_engine("auto", _env(trt=True, cuda=True, ort_cuda=True)).kind == "tensorrt"
+    c = select_engine("auto", _env(trt=True, cuda=True, ort_cuda=True))
+    assert c.kind == "tensorrt" and "TensorRT 10.9.0 imports and torch sees NVIDIA A10G" in c.explain()
+
+
+def test_torch_engine_precision_and_layout_options(model):
+    y = np.random.default_rng(0).random((2, 1, 40, 36), dtype=np.float32)
+    ref = TorchEngine(model)
+    f = ref.encode(y)
+    d = ref.decide(f[:1], f[1:], y[:1], y[1:])
+    import copy
+
+    nhwc = TorchEngine(copy.deepcopy(model), channels_last=True)  # the CUDA layout, here on the CPU
+    fn = nhwc.encode(y)
+    assert np.abs(nhwc.decide(fn[:1], fn[1:], y[:1], y[1:]) - d).max() < 1e-4
+    with pytest.raises(EngineUnavailableError, match="CUDA only"):
+        TorchEngine(model, precision="fp16")
+    with pytest.raises(ValueError, match="compile_mode"):
+        TorchEngine(model, compile_mode="fastest")
 
 
 def test_auto_falls_back_to_torch_cuda_then_onnxruntime_and_says_why():

@@ -109,6 +109,8 @@ class EngineChoice:
     providers: list[str] | None = None
     fallbacks: list[str] = field(default_factory=list)
     device: str = "cpu"
+    #: why this engine (auto only), e.g. "TensorRT 10.9.0 imports and torch sees NVIDIA A10G"
+    why: str = ""
 
     def explain(self) -> str:
         if self.kind == "onnx":
@@ -117,7 +119,7 @@ class EngineChoice:
             what = f"torch on {self.device}"
         else:
             what = self.kind
-        return what + ("" if not self.fallbacks else "; " + "; ".join(self.fallbacks))
+        return what + "".join("; " + r for r in ([self.why] if self.why else []) + self.fallbacks)
 
 
 def select_engine(requested: str, env: EngineEnvironment, device: str | None = None) -> EngineChoice:
@@ -165,9 +167,10 @@ def select_engine(requested: str, env: EngineEnvironment, device: str | None = N
     elif not cuda_ok:
         fallbacks.append(f"not TensorRT: {env.cuda_missing}")
     else:
-        return EngineChoice("tensorrt", device=cuda_dev)
+        return EngineChoice("tensorrt", device=cuda_dev,
+                            why=f"TensorRT {env.tensorrt_version} imports and torch sees {env.cuda_device}")
     if cuda_ok:
-        return EngineChoice("torch", fallbacks=fallbacks, device=cuda_dev)
+        return EngineChoice("torch", fallbacks=fallbacks, device=cuda_dev, why=f"torch sees {env.cuda_device}")
     if not want_cpu:
         fallbacks.append(f"not torch on CUDA: {env.cuda_missing}")
     if env.ort_missing:

@@ -99,7 +99,8 @@ def make_engine(model_name: str, *, engine: str = "auto", precision: str = "fp32
     built.output = getattr(model, "output", "decision")
     built.postprocess = getattr(model, "postprocess", None)
     desc = describe_engine(built)
-    extra = f" ({'; '.join(choice.fallbacks)})" if choice.fallbacks else ""
+    reasons = ([choice.why] if choice.why else []) + choice.fallbacks
+    extra = f" ({'; '.join(reasons)})" if reasons else ""
     providers = f" providers={','.join(desc['providers'])}" if desc.get("providers") else ""
     log.info(
         "engine %s: %s %s on %s%s%s", engine, desc["engine"], desc["precision"], desc["device"], providers, extra)
