@@ -72,31 +72,31 @@ def _downsize(images: list[np.ndarray], size: int | None) -> list[np.ndarray]:
     return [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images]
 
 
-def _engines(device: str, model_name: str, max_tile: int, max_batch: int) -> tuple[list, list[str]]:
-    """[(label, engine)] of every engine to check here, and notes on those that are not."""
+def _engines(device: str, model_name: str, max_tile: int, max_batch: int):
+    """Yield (label, engine or the exception that stopped its build) for every engine to check here,
+    one at a time (each is built after the previous one is dropped, so peak memory is its own),
+    and (label, None, reason) for engines that cannot run here."""
     from ray_mff.engines import make_engine, probe_environment
     from ray_mff.errors import EngineUnavailableError
 
     env = probe_environment()
     wanted = [("torch", "fp32"), ("onnx", "fp16")] if device == "cpu" else \
         [("tensorrt", "fp32"), ("tensorrt", "fp16"), ("torch", "fp32"), ("torch", "fp16"), ("onnx", "fp32")]
-    out, notes = [], []
     for kind, precision in wanted:
         label = f"{kind} {precision}"
         try:
             eng = make_engine(model_name, engine=kind, precision=precision, device=device, env=env,
                               max_tile=max_tile, max_batch=max_batch)
         except EngineUnavailableError as err:
-            notes.append(f"{label}: skipped ({err})")
+            yield label, None, str(err)
             continue
         except Exception as err:  # noqa: BLE001 - a GPU engine that fails to build is a finding, not a crash
-            out.append((label, err))
+            yield label, err, None
             continue
         if device != "cpu" and str(eng.device).startswith("cpu"):
-            notes.append(f"{label}: skipped (runs on {eng.device}: {eng.describe().get('providers')})")
+            yield label, None, f"runs on {eng.device} ({eng.describe().get('providers')})"
             continue
-        out.append((label, eng))
-    return out, notes
+        yield label, eng, None
 
 
 def _parity(engine, reference: dict, stacks, size, precision: str) -> tuple[bool, str, float]:
@@ -184,15 +184,11 @@ def main(argv=None) -> int:
     if args.stack_limit is not None:
         stack_paths = stack_paths[: args.stack_limit]
     max_batch = 2 * max(batches + [2])  # both images of the largest batch in one encode call
-    engines, notes = _engines(device, args.model, max_tile=2048, max_batch=max_batch)
-    for note in notes:
-        print(note)
-    if not engines:
-        print("gpu_check: FAIL no engine to check on " + device)
-        return 1
-
-    rows, failures = [], []
-    for label, eng in engines:
+    rows, failures, notes = [], [], []
+    for label, eng, skipped in _engines(device, args.model, max_tile=2048, max_batch=max_batch):
+        if skipped:
+            notes.append(f"{label}: skipped ({skipped})")
+            continue
         if isinstance(eng, Exception):
             failures.append(f"{label} did not build: {eng}")
             rows.append([label, "BUILD FAILED", "-"] + ["-"] * len(batches) + ["-", "-"])
@@ -211,6 +207,14 @@ def main(argv=None) -> int:
         else:
             stack = "no data" if data is None else "skipped"
         rows.append([label, "ok" if ok else "FAIL", parity] + speeds + [stack, _peak_memory(device)])
+        del eng
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    for note in notes:
+        print(note)
+    if not rows:
+        print("gpu_check: FAIL no engine to check on " + device)
+        return 1
 
     header = ["engine", "parity", "vs onnxruntime-cpu fp32"] + [f"pairs/s b{b}" for b in batches] + \
              ["stack_v4", "peak memory"]
