@@ -264,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list fusion methods and models")
     p.set_defaults(func=cmd_methods)
 
-    from ray_mff.export import add_export_arguments, cmd_export
     from ray_mff.train.trainer import add_train_arguments, cmd_train
 
     p = sub.add_parser("train", help="train a fusion model with Ray Train")
@@ -275,6 +274,64 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
     return parser
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from ray_mff.export import OPSET
+    from ray_mff.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model to export (default: {DEFAULT_MODEL})")
+    p.add_argument("--weights", default="default",
+                   help="'default' (shipped weights), a safetensors path, or 'none' (random init)")
+    p.add_argument("--format", dest="export_format", default="onnx", choices=["onnx", "tensorrt"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison against torch")
+    p.add_argument("--min-shape", default="64x64", help="TensorRT profile: smallest HxW")
+    p.add_argument("--opt-shape", default="1024x1024", help="TensorRT profile: HxW to optimise for")
+    p.add_argument("--max-shape", default="2048x2048", help="TensorRT profile: largest HxW (bigger images are tiled)")
+    p.add_argument("--max-batch", type=int, default=4, help="TensorRT profile: largest batch")
+    p.add_argument("--workspace-mib", type=int, default=2048, help="TensorRT builder workspace limit")
+
+
+def _parse_hw(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def cmd_export(args) -> int:
+    """``ray-mff export``: ONNX graphs (verified against torch) or TensorRT plans (GPU nodes)."""
+    from pathlib import Path
+
+    from ray_mff.export import export_onnx
+
+    out = Path(args.out)
+    if args.export_format == "tensorrt":
+        # fail before any work if TensorRT cannot run here: one clear line, exit 2 (main)
+        from ray_mff.engines.choice import require_tensorrt
+        from ray_mff.engines.tensorrt_build import ShapeProfile, build_plans
+
+        require_tensorrt()
+        profile = ShapeProfile(min_hw=_parse_hw(args.min_shape), opt_hw=_parse_hw(args.opt_shape),
+                               max_hw=_parse_hw(args.max_shape), max_batch=args.max_batch)
+        res = build_plans(args.model, out, precision=args.precision, weights=args.weights, profile=profile,
+                          workspace_bytes=args.workspace_mib << 20, timing_cache=out / "timing.cache")
+        _print_export(args.model, res["onnx"])
+        print(f"tensorrt {res['facts']['tensorrt']} on {res['facts']['gpu']}: {res['encoder']}, {res['decider']} "
+              f"({res['facts']['mode']['why']})")
+        return 0
+    res = export_onnx(args.model, out, args.precision, args.weights, opset=args.opset, verify=not args.no_verify)
+    _print_export(args.model, res)
+    return 0
+
+
+def _print_export(model: str, res: dict) -> None:
+    print(f"{model} ({res['precision']}, opset {res['opset']}, {res['feature_channels']} feature channels) -> "
+          f"{res['encoder']}, {res['decider']}")
+    for kind, v in (res.get("verification") or {}).items():
+        print(f"verify {kind:6s} {v['shape'][0]}x{v['shape'][1]}: features max|onnx-torch| {v['features_max_abs']:.3g}"
+              f"  decision max|onnx-torch| {v['decision_max_abs']:.3g}")
 
 
 def cmd_methods(args) -> int:

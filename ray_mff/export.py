@@ -1,4 +1,4 @@
-"""Export a registered model to ONNX (and TensorRT engines on GPU nodes): ``ray-mff export``.
+"""Export a registered model to ONNX and verify it against torch (``ray-mff export``, see :mod:`ray_mff.cli`).
 
 A decision model exports as two single-file ONNX graphs, matching the engine protocol
 (:mod:`ray_mff.engines.base`):
@@ -35,24 +35,23 @@ Tolerances (ONNX Runtime CPU vs torch eager, tested in ``tests/test_export.py`` 
 Exports of a given model state are cached (:func:`cached_onnx`) in
 ``$RAY_MFF_CACHE/onnx/<model>-<state sha>-<precision>/`` (default ``~/.cache/ray-mff``); a lock
 file and an atomic directory rename make concurrent Ray actors on one node export once and
-never read a half-written graph.
+never read a half-written graph (the cache folder and lock: :mod:`ray_mff.cache`).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from ray_mff.cache import cache_root, file_lock, file_sha
 
 log = logging.getLogger("ray_mff.export")
 
@@ -110,14 +109,6 @@ def state_sha(model) -> str:
         h.update(k.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_sha(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -314,34 +305,6 @@ def verify_export(model, paths: dict, *, precision: str = "fp32", pairs=None, th
 # --------------------------------------------------------------------------- cache
 
 
-def cache_root() -> Path:
-    """``$RAY_MFF_CACHE`` or ``~/.cache/ray-mff``."""
-    env = os.environ.get("RAY_MFF_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "ray-mff"
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, timeout: float = 600.0):
-    """Exclusive advisory lock on ``path`` (created if missing) for processes on one host."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path}: lock held for more than {timeout:.0f} s")
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _read_meta(folder: Path) -> dict | None:
     meta = folder / META_FILE
     if not meta.is_file():
@@ -398,25 +361,7 @@ def cached_onnx(model, precision: str = "fp32", *, name: str | None = None, root
     return hit
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    from ray_mff.models import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model to export (default: {DEFAULT_MODEL})")
-    p.add_argument("--weights", default="default",
-                   help="'default' (shipped weights), a safetensors path, or 'none' (random init)")
-    p.add_argument("--format", dest="export_format", default="onnx", choices=["onnx", "tensorrt"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--opset", type=int, default=OPSET)
-    p.add_argument("--no-verify", action="store_true", help="skip the comparison against torch")
-    p.add_argument("--min-shape", default="64x64", help="TensorRT profile: smallest HxW")
-    p.add_argument("--opt-shape", default="1024x1024", help="TensorRT profile: HxW to optimise for")
-    p.add_argument("--max-shape", default="2048x2048", help="TensorRT profile: largest HxW (bigger images are tiled)")
-    p.add_argument("--max-batch", type=int, default=4, help="TensorRT profile: largest batch")
-    p.add_argument("--workspace-mib", type=int, default=2048, help="TensorRT builder workspace limit")
+# --------------------------------------------------------------------------- by name
 
 
 def export_onnx(model_name: str, out_dir: str | os.PathLike, precision: str = "fp32", weights="default", *,
@@ -429,43 +374,3 @@ def export_onnx(model_name: str, out_dir: str | os.PathLike, precision: str = "f
 
     model = get_model(model_name, weights=None if weights in (None, "none") else weights)
     return export_model(model, out_dir, precision, name=model_name, opset=opset, verify=verify)
-
-
-def _parse_hw(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w or h)
-
-
-def cmd_export(args) -> int:
-    out = Path(args.out)
-    if args.export_format == "tensorrt":
-        # fail before any work if TensorRT cannot run here: one clear line, exit 2 (cli.main)
-        from ray_mff.engines import require_tensorrt
-        from ray_mff.engines.tensorrt_build import ShapeProfile, build_plans
-
-        require_tensorrt()
-        profile = ShapeProfile(min_hw=_parse_hw(args.min_shape), opt_hw=_parse_hw(args.opt_shape),
-                               max_hw=_parse_hw(args.max_shape), max_batch=args.max_batch)
-        res = build_plans(args.model, out, precision=args.precision, weights=args.weights, profile=profile,
-                          workspace_bytes=args.workspace_mib << 20, timing_cache=out / "timing.cache")
-        _print_export(args.model, res["onnx"])
-        print(f"tensorrt {res['facts']['tensorrt']} on {res['facts']['gpu']}: {res['encoder']}, {res['decider']} "
-              f"({res['facts']['mode']['why']})")
-        return 0
-    res = export_onnx(args.model, out, args.precision, args.weights, opset=args.opset, verify=not args.no_verify)
-    _print_export(args.model, res)
-    return 0
-
-
-def _print_export(model: str, res: dict) -> None:
-    print(f"{model} ({res['precision']}, opset {res['opset']}, {res['feature_channels']} feature channels) -> "
-          f"{res['encoder']}, {res['decider']}")
-    for kind, v in (res.get("verification") or {}).items():
-        print(f"verify {kind:6s} {v['shape'][0]}x{v['shape'][1]}: features max|onnx-torch| {v['features_max_abs']:.3g}"
-              f"  decision max|onnx-torch| {v['decision_max_abs']:.3g}")
-
-
-if __name__ == "__main__":  # python -m ray_mff.export ...
-    from ray_mff.cli import main
-
-    sys.exit(main(["export", *sys.argv[1:]]))

@@ -17,7 +17,7 @@ from ray_mff.engines.torch_engine import TorchEngine
 from ray_mff.errors import EngineUnavailableError
 from ray_mff.models import get_model
 
-NO_TRT = "the 'tensorrt' Python package is not installed (pip install 'ray-mff[tensorrt]')"
+NO_TRT = "the 'tensorrt' Python package is not installed (pip install 'ray-mff[gpu]')"
 
 
 @pytest.fixture(autouse=True)
@@ -44,23 +44,83 @@ def _env(trt=False, cuda=False, ort_cuda=False):
 
 
 def test_auto_prefers_tensorrt_with_cuda():
-    assert select_engine("auto", _env(trt=True, cuda=True, ort_cuda=True)).kind == "tensorrt"
+    c = select_engine("auto", _env(trt=True, cuda=True, ort_cuda=True))
+    assert c.kind == "tensorrt" and "TensorRT 10.9.0 imports and torch sees NVIDIA A10G" in c.explain()
 
 
-def test_auto_falls_back_to_onnxruntime_cuda_then_cpu_and_says_why():
+def test_torch_engine_precision_and_layout_options(model):
+    y = np.random.default_rng(0).random((2, 1, 40, 36), dtype=np.float32)
+    ref = TorchEngine(model)
+    f = ref.encode(y)
+    d = ref.decide(f[:1], f[1:], y[:1], y[1:])
+    import copy
+
+    nhwc = TorchEngine(copy.deepcopy(model), channels_last=True)  # the CUDA layout, here on the CPU
+    fn = nhwc.encode(y)
+    assert np.abs(nhwc.decide(fn[:1], fn[1:], y[:1], y[1:]) - d).max() < 1e-4
+    with pytest.raises(EngineUnavailableError, match="CUDA only"):
+        TorchEngine(model, precision="fp16")
+    with pytest.raises(ValueError, match="compile_mode"):
+        TorchEngine(model, compile_mode="fastest")
+
+
+def test_auto_falls_back_to_torch_cuda_then_onnxruntime_and_says_why():
     c = select_engine("auto", _env(trt=False, cuda=True, ort_cuda=True))
-    assert (c.kind, c.providers[0]) == ("onnx", "CUDAExecutionProvider")
-    assert "not TensorRT" in c.explain() and "not installed" in c.explain()
+    assert (c.kind, c.device) == ("torch", "cuda:0")
+    assert "not TensorRT" in c.explain() and "not installed" in c.explain() and "torch on cuda:0" in c.explain()
     c = select_engine("auto", _env(trt=True, cuda=False, ort_cuda=True))
     assert c.providers == ["CPUExecutionProvider"]
-    assert "no CUDA device" in c.explain()
+    assert "no CUDA device" in c.explain() and "not torch on CUDA" in c.explain()
     c = select_engine("auto", _env())
-    assert (c.kind, c.providers) == ("onnx", ["CPUExecutionProvider"])
-    assert "onnxruntime-gpu" in c.explain()
+    assert (c.kind, c.providers, c.device) == ("onnx", ["CPUExecutionProvider"], "cpu")
+    assert "ray-mff[gpu]" in c.explain()
     # CPU-only torch + onnxruntime-gpu: let ONNX Runtime try CUDA (its session reports the truth)
     env = _env(ort_cuda=True)
     env.cuda_missing = "torch is a CPU-only build (torch.version.cuda is None), so no CUDA device is usable"
     assert select_engine("auto", env).providers[0] == "CUDAExecutionProvider"
+
+
+def test_device_cpu_keeps_every_engine_on_the_cpu_and_device_cuda_needs_one():
+    gpu = _env(trt=True, cuda=True, ort_cuda=True)
+    c = select_engine("auto", gpu, device="cpu")
+    assert (c.kind, c.providers, c.device) == ("onnx", ["CPUExecutionProvider"], "cpu")
+    assert "device cpu" in c.explain()
+    assert select_engine("torch", gpu, device="cpu").device == "cpu"
+    assert select_engine("torch", gpu).device == "cuda:0"
+    assert select_engine("torch", gpu, device="cuda:1").device == "cuda:1"
+    assert select_engine("onnx", gpu, device="cpu").providers == ["CPUExecutionProvider"]
+    with pytest.raises(EngineUnavailableError, match="device cpu"):
+        select_engine("tensorrt", gpu, device="cpu")
+    with pytest.raises(EngineUnavailableError, match="no CUDA device"):
+        select_engine("torch", _env(), device="cuda")
+
+
+def test_a_vanished_cuda_provider_is_named_not_silent():
+    env = _env(cuda=True)
+    env.ort_conflict = "onnxruntime-gpu 1.26.0 and onnxruntime 1.31.1 are both installed and the CPU build won"
+    with pytest.raises(EngineUnavailableError, match="both installed"):
+        select_engine("onnx", env, device="cuda")
+    env.cuda_device, env.cuda_missing = None, "no CUDA device is visible"
+    assert "both installed" in select_engine("auto", env).explain()
+
+
+def test_ort_gpu_conflict_reads_the_installed_distributions(monkeypatch):
+    from importlib import metadata
+
+    from ray_mff.engines import choice
+
+    versions = {"onnxruntime-gpu": "1.26.0", "onnxruntime": "1.31.1"}
+
+    def version(name):
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(metadata, "version", version)
+    msg = choice.ort_gpu_conflict()  # this venv's onnxruntime is the CPU build: the GPU one lost
+    assert msg and "onnxruntime-gpu 1.26.0" in msg and "pip install onnxruntime-gpu" in msg
+    del versions["onnxruntime-gpu"]
+    assert choice.ort_gpu_conflict() is None
 
 
 def test_named_tensorrt_without_tensorrt_or_cuda_raises_one_line():
@@ -287,6 +347,7 @@ class FakeTRT:
         self.BuilderFlag = types.SimpleNamespace(**flags)
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
         self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+        self.PreviewFeature = types.SimpleNamespace(RUNTIME_ACTIVATION_RESIZE_10_10="RESIZE_10_10")
         self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level=None: None})
         fake = self
 
@@ -327,6 +388,19 @@ class FakeTRT:
 
             def add_optimization_profile(self, p):
                 fake.calls.append(("add_optimization_profile",))
+
+            def set_preview_feature(self, feature, on):
+                fake.calls.append(("set_preview_feature", feature, on))
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("create_timing_cache", bytes(data)))
+                return types.SimpleNamespace(serialize=lambda: bytes(data) + b"+timed")
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.timing = cache
+
+            def get_timing_cache(self):
+                return self.timing
 
         class Builder:
             def __init__(self, logger):
@@ -426,3 +500,216 @@ def test_tensorrt_engine_on_gpu_matches_onnxruntime(model):
     d_trt = trt_eng.decide(ft[:1], ft[1:], y[:1], y[1:])
     d_ort = ort_eng.decide(fo[:1], fo[1:], y[:1], y[1:])
     assert np.abs(d_trt - d_ort).max() < 1e-3
+
+
+def test_cached_engine_keeps_a_timing_cache_beside_the_plans(model, tmp_path):
+    from ray_mff.engines.tensorrt_build import GpuInfo, ShapeProfile, cached_engine, timing_cache_uri
+    from ray_mff.export import export_model
+
+    paths = export_model(model, tmp_path / "onnx", "fp32", verify=False)
+    trt = FakeTRT("10.12.0")
+    a10 = GpuInfo("NVIDIA A10G", (8, 6))
+    kw = dict(precision="fp32", profile=ShapeProfile(), feature_channels=paths["feature_channels"],
+              cache=str(tmp_path / "plans"), trt=trt, gpu=a10)
+    cached_engine(paths["encoder"], **kw)
+    cached_engine(paths["decider"], **kw)
+    timing = [c[1] for c in trt.calls if c[0] == "create_timing_cache"]
+    assert timing == [b"", b"+timed"]  # the decider's build starts from the encoder's timings
+    assert Path(timing_cache_uri(str(tmp_path / "plans"), "10.12.0", a10)).read_bytes() == b"+timed+timed"
+    assert ("set_preview_feature", "RESIZE_10_10", True) in trt.calls  # context memory sized per call
+
+
+def test_one_builder_per_plan_local_lock_and_s3_marker(model, tmp_path, s3_bucket, s3_server, monkeypatch):
+    """Threads race for the same plan: one builds, the others read its plan, for a local cache (file
+    lock) and an s3:// cache (create-only marker)."""
+    import threading
+    import time as _time
+
+    from ray_mff import storage
+    from ray_mff.engines import tensorrt_build as tb
+    from ray_mff.export import export_model
+
+    monkeypatch.setattr(storage, "_s3_endpoint_default", s3_server)  # restored after the test
+    paths = export_model(model, tmp_path / "onnx", "fp32", verify=False)
+    real_build = tb.build_serialized_engine
+
+    def slow_build(*a, **k):
+        _time.sleep(0.5)
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(tb, "build_serialized_engine", slow_build)
+    monkeypatch.setattr(tb, "BUILD_TIMEOUT_S", 120.0)
+    for cache in (str(tmp_path / "plans"), f"s3://{s3_bucket}/trt"):
+        trt = FakeTRT("10.9.0")
+        kw = dict(precision="fp32", profile=tb.ShapeProfile(), feature_channels=paths["feature_channels"],
+                  cache=cache, trt=trt, gpu=tb.GpuInfo("NVIDIA A10G", (8, 6)))
+        plans = []
+        threads = [threading.Thread(target=lambda: plans.append(tb.cached_engine(paths["encoder"], **kw)))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert plans == [b"PLAN:y"] * 3, cache
+        assert trt.calls.count(("build_serialized_network",)) == 1, cache
+        assert not [u for u in storage.list_files(cache) if u.uri.endswith(".building")]
+    # create-only: exactly one writer wins on S3 (If-None-Match: *) and locally (open "xb")
+    for where in (f"s3://{s3_bucket}/m/x", str(tmp_path / "m" / "x")):
+        assert tb.create_only(where, b"1") is True
+        assert tb.create_only(where, b"2") is False
+        assert storage.read_bytes(where) == b"1"
+
+
+# --------------------------------------------------------------------------- TensorRT runtime (fakes)
+
+
+class FakeRuntimeTRT(FakeTRT):
+    """FakeTRT plus the runtime: engines from ``b"PLAN:<inputs>"`` plans and recording contexts."""
+
+    def __init__(self, version="10.12.0", user_managed=True):
+        super().__init__(version)
+        import ctypes
+
+        fake = self
+        self.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
+        if user_managed:
+            self.ExecutionContextAllocationStrategy = types.SimpleNamespace(STATIC=0, USER_MANAGED=2)
+
+        class Context:
+            def __init__(self, engine, strategy):
+                self.engine, self.strategy, self.shapes, self.addresses = engine, strategy, {}, {}
+
+            def set_input_shape(self, name, shape):
+                self.shapes[name] = tuple(shape)
+                return shape[0] <= 8
+
+            def set_tensor_address(self, name, ptr):
+                self.addresses[name] = ptr
+
+            def update_device_memory_size_for_shapes(self):
+                b, _, h, w = self.shapes[self.engine.inputs[-1]]
+                return b * h * w * 16  # grows with the shapes of this call
+
+            def set_device_memory(self, ptr, size):
+                fake.calls.append(("set_device_memory", self.engine.graph, size))
+
+            def get_tensor_shape(self, name):
+                if name == "feats":
+                    b, _, h, w = self.shapes["y"]
+                    return (b, 4, h // 2, w // 2)
+                return self.shapes["y_a"]
+
+            def execute_async_v3(self, stream):
+                fake.calls.append(("execute_async_v3", self.engine.graph, stream))
+                for name in self.engine.outputs:  # deterministic output: zeros
+                    ctypes.memset(self.addresses[name], 0, 4 * int(np.prod(self.get_tensor_shape(name))))
+                return True
+
+        class CudaEngine:
+            def __init__(self, data):
+                self.inputs = data.decode().split(":")[1].split(",")
+                self.graph = "encoder" if self.inputs == ["y"] else "decider"
+                self.outputs = ["feats"] if self.graph == "encoder" else ["decision"]
+                self.num_io_tensors = len(self.inputs) + 1
+
+            def get_tensor_name(self, i):
+                return (self.inputs + self.outputs)[i]
+
+            def get_tensor_mode(self, name):
+                return "INPUT" if name in self.inputs else "OUTPUT"
+
+            def get_tensor_dtype(self, name):
+                return types.SimpleNamespace(name="FLOAT")
+
+            def get_tensor_profile_shape(self, name, profile):
+                return [(1, 1, 32, 32), (2, 1, 64, 64), (8, 1, 256, 256)]
+
+            def create_execution_context(self, strategy=0):
+                fake.calls.append(("create_execution_context", self.graph, strategy))
+                return Context(self, strategy)
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                return CudaEngine(bytes(data))
+
+        self.Runtime = Runtime
+
+
+class _Pinnable(torch.Tensor):
+    def pin_memory(self):  # host memory is host memory here
+        return self
+
+
+class FakeCudaTorch:
+    """Real torch on the CPU behind a stand-in ``torch.cuda`` (streams that count host waits)."""
+
+    def __init__(self):
+        import contextlib
+
+        fake = self
+        self.host_waits = 0
+
+        class Stream:
+            cuda_stream = 0xBEEF
+
+            def __init__(self, device=None):
+                self.device = device
+
+            def synchronize(self):
+                fake.host_waits += 1
+
+            def wait_stream(self, other):
+                pass
+
+        self.cuda = types.SimpleNamespace(Stream=Stream, stream=lambda s: contextlib.nullcontext(),
+                                          device=lambda d: contextlib.nullcontext(),
+                                          current_stream=lambda d=None: Stream(), get_device_name=lambda d=0: "Fake GPU")
+
+    def device(self, kind, index=None):
+        return torch.device("cpu")
+
+    def empty(self, *args, pin_memory=False, **kw):
+        return torch.empty(*args, **kw)
+
+    def from_numpy(self, x):
+        return torch.from_numpy(x).as_subclass(_Pinnable)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def test_tensorrt_engine_own_stream_context_memory_per_call_and_one_host_wait():
+    from ray_mff.engines.tensorrt_engine import TensorRTEngine
+    from ray_mff.fusion.model_fuser import ModelFuser
+
+    trt, fake_torch = FakeRuntimeTRT(), FakeCudaTorch()
+    eng = TensorRTEngine(b"PLAN:y", b"PLAN:feats_a,feats_b,y_a,y_b", stride=16, trt=trt, torch=fake_torch)
+    assert eng.max_batch == 8
+    assert [c[2] for c in trt.calls if c[0] == "create_execution_context"] == [2, 2]  # USER_MANAGED
+    y = np.random.default_rng(0).random((2, 1, 40, 50), dtype=np.float32)
+    f = eng.encode(y)
+    assert isinstance(f, torch.Tensor) and tuple(f.shape) == (2, 4, 24, 32)  # padded to 48 x 64, half size
+    assert fake_torch.host_waits == 0  # encode enqueues and returns: features stay on the device
+    d = eng.decide(f[:1], f[1:], y[:1], y[1:])
+    assert isinstance(d, np.ndarray) and d.shape == (1, 1, 40, 50) and fake_torch.host_waits == 1
+    assert {c[2] for c in trt.calls if c[0] == "execute_async_v3"} == {0xBEEF}  # the engine's own stream
+    memory = [c for c in trt.calls if c[0] == "set_device_memory"]
+    assert memory == [("set_device_memory", "encoder", 2 * 48 * 64 * 16), ("set_device_memory", "decider", 48 * 64 * 16)]
+    eng.encode(np.zeros((4, 1, 200, 200), np.float32))  # bigger shapes: more context memory
+    assert trt.calls[-2][:2] == ("set_device_memory", "encoder") and trt.calls[-2][2] == 4 * 208 * 208 * 16
+    # the calibrated path repeats the reference's features on the device (a view, made contiguous here)
+    res = ModelFuser(eng, batch_reference=True).fuse([np.zeros((40, 50), np.uint8)] * 3)
+    assert res.stats["calibration"] == "calibrated" and res.fused.shape == (40, 50)
+
+
+def test_tensorrt_engine_without_user_managed_memory_uses_a_default_context():
+    from ray_mff.engines.tensorrt_engine import TensorRTEngine
+
+    trt = FakeRuntimeTRT(user_managed=False)
+    eng = TensorRTEngine(b"PLAN:y", b"PLAN:feats_a,feats_b,y_a,y_b", trt=trt, torch=FakeCudaTorch())
+    f = eng.encode(np.zeros((2, 1, 32, 32), np.float32))
+    eng.decide(f[:1], f[1:], np.zeros((1, 1, 32, 32), np.float32), np.zeros((1, 1, 32, 32), np.float32))
+    assert not [c for c in trt.calls if c[0] == "set_device_memory"]

@@ -321,7 +321,7 @@ def test_cluster_yaml_matches_ray_schema():
     assert gpu_types and all(t["max_workers"] > t.get("min_workers", 0) for t in gpu_types)  # autoscaling
     assert head.get("resources", {}).get("GPU", 0) == 0
     workers = "\n".join(config["setup_commands"] + config["worker_setup_commands"])
-    assert workers.index("install -q torch") < workers.index("[tensorrt]")  # torch first, then ray-mff
+    assert workers.index("install -q torch") < workers.index("[gpu]")  # torch first, then ray-mff
     assert "docker" not in config or not config["docker"]
 
 

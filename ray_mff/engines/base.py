@@ -10,7 +10,8 @@ A decision model splits into two sub-graphs (see :class:`ray_mff.models.cascade.
 Engines load once (an actor's ``__init__``) and are then called per stack or per tile. Features
 are *engine-native*: numpy arrays for torch/ONNX Runtime, torch CUDA tensors for TensorRT, so
 features stay on the device between the two calls. Callers treat them as opaque arrays that
-support batch slicing (``feats[i:i + 1]``) and pass them back to the same engine's ``decide``.
+support batch slicing (``feats[i:i + 1]``), repeat them only with :func:`repeat_batch` (never a
+numpy call: numpy cannot read a CUDA tensor), and pass them back to the same engine's ``decide``.
 Decision maps always come back as numpy float32.
 
 Two optional attributes say how to read ``decide``'s output (defaults for decision models):
@@ -91,6 +92,22 @@ def pad_to_multiple(x: np.ndarray, stride: int) -> np.ndarray:
     if ph == 0 and pw == 0:
         return x
     return np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="edge")
+
+
+def repeat_batch(x, b: int):
+    """Repeat a batch-of-one ``x`` (1, C, H, W) ``b`` times along the batch axis, on x's own device.
+
+    Features are engine-native (numpy, or torch CUDA tensors that numpy cannot convert), so this is
+    the one place that knows both: numpy arrays are repeated with ``np.repeat``; tensors are
+    expanded (a view, no copy: an engine copies it into its input buffer anyway).
+    """
+    if b == 1:
+        return x
+    if isinstance(x, np.ndarray):
+        return np.repeat(x, b, axis=0)
+    if hasattr(x, "expand"):  # torch.Tensor on any device
+        return x.expand(b, *x.shape[1:])
+    raise TypeError(f"cannot repeat engine features of type {type(x).__name__} (numpy or torch expected)")
 
 
 def crop_to(x, h: int, w: int):

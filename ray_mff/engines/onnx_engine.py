@@ -3,7 +3,15 @@
 CPU provider by default; the CUDA provider when ONNX Runtime was built with it (onnxruntime-gpu)
 and a device is visible. ONNX Runtime silently falls back to CPU when a provider cannot load
 (missing CUDA libraries), so the engine reports the providers the sessions *actually* use
-(``InferenceSession.get_providers()``), never the ones it asked for.
+(``InferenceSession.get_providers()``), never the ones it asked for, and logs a warning.
+
+On CUDA there is **one session per graph** (the per-shape sessions below are a CPU memory-planner
+workaround), with cuDNN's *heuristic* convolution algorithm choice (``cudnn_conv_algo_search =
+HEURISTIC``: the default EXHAUSTIVE search benchmarks every algorithm for every new input shape),
+run with **IOBinding** on torch CUDA tensors (:class:`_BoundSession`): inputs and outputs are bound
+to device buffers, so features stay on the GPU between ``encode`` and ``decide`` and only the
+decision map is copied back. ONNX Runtime computes on the engine's own torch CUDA stream
+(``user_compute_stream``), so torch's padding and copies are ordered with it.
 
 Inputs and outputs are float32 numpy arrays for both precisions (fp16 graphs cast inside, see
 :mod:`ray_mff.export`). Inputs are padded to the model's stride multiple here and outputs are
@@ -83,12 +91,12 @@ def session_options(threads: int | None = None, *, arena: bool = False):
     return so
 
 
-def _exported_stride(encoder: Path) -> int:
-    """The model stride recorded by :func:`ray_mff.export.export_model` beside the graphs (1 if absent)."""
+def _exported_meta(encoder: Path) -> dict:
+    """What :func:`ray_mff.export.export_model` recorded beside the graphs (stride, feature channels...)."""
     meta = encoder.with_name("meta.json")
     if not meta.is_file():
-        return 1
-    return int(json.loads(meta.read_text()).get("stride", 1))
+        return {}
+    return json.loads(meta.read_text())
 
 
 def _env_int(name: str, default: int) -> int:
@@ -175,6 +183,73 @@ class _SessionPerShape:
         return self._session(shape).run([self.output], feeds)[0]
 
 
+class _BoundSession:
+    """One session run with IOBinding on torch tensors of ``device`` (CUDA on GPUs; CPU in tests).
+
+    Inputs are bound where they are (``bind_input(name, device_type, device_id, float32, shape,
+    data_ptr)``); the output is a torch tensor allocated here at ``out_shape(feeds)`` and bound
+    the same way, so nothing is copied between the host and the device inside ``run``.
+    """
+
+    def __init__(self, session, output: str, device, stream=None):
+        self.session, self.output, self.device, self.stream = session, output, device, stream
+        self.max_pixels = 0  # no CPU arena here (see OnnxEngine.without_arena)
+
+    def drop_arenas(self) -> None:
+        pass
+
+    def _run_options(self):
+        if self.stream is None:
+            return None
+        import onnxruntime as ort
+
+        opts = ort.RunOptions()
+        opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return opts
+
+    def run(self, feeds: dict, out_shape: tuple):
+        import torch
+
+        kind, index = self.device.type, self.device.index or 0
+        binding = self.session.io_binding()
+        held = []
+        for name, t in feeds.items():
+            t = t.to(self.device, torch.float32).contiguous()
+            held.append(t)  # alive until the run is done
+            binding.bind_input(name, kind, index, np.float32, tuple(t.shape), t.data_ptr())
+        out = torch.empty(out_shape, dtype=torch.float32, device=self.device)
+        binding.bind_output(self.output, kind, index, np.float32, tuple(out.shape), out.data_ptr())
+        # ONNX Runtime computes on self.stream (user_compute_stream), where torch wrote the inputs;
+        # no host wait at the end of the run: whoever reads the output waits on that stream
+        self.session.run_with_iobinding(binding, self._run_options())
+        return out
+
+
+class _OneSession:
+    """One session for every shape, numpy in and out (onnxruntime-gpu beside a CPU-only torch)."""
+
+    max_pixels = 0
+
+    def __init__(self, session, output: str):
+        self.session, self.output = session, output
+
+    def drop_arenas(self) -> None:
+        pass
+
+    def run(self, feeds: dict, shape: tuple) -> np.ndarray:
+        return self.session.run([self.output], feeds)[0]
+
+
+def cuda_provider_options(device_id: int = 0, stream=None) -> dict:
+    """CUDA execution provider options: heuristic cuDNN algorithm choice (no per-shape exhaustive
+    benchmark), an arena that grows by what is asked, and torch's stream as the compute stream."""
+    opts = {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+            "arena_extend_strategy": "kSameAsRequested"}
+    if stream is not None:
+        opts["user_compute_stream"] = str(stream.cuda_stream)
+    return opts
+
+
 class OnnxEngine:
     """Runs ``encoder.onnx`` and ``decider.onnx`` (see :mod:`ray_mff.export`) with ONNX Runtime.
 
@@ -196,38 +271,115 @@ class OnnxEngine:
 
     def __init__(self, encoder: str | os.PathLike, decider: str | os.PathLike, *, precision: str = "fp32",
                  stride: int | None = None, providers: list[str] | None = None, threads: int | None = None,
-                 model_name: str | None = None):
+                 model_name: str | None = None, feature_channels: int | None = None,
+                 feature_downsample: int | None = None, device_id: int = 0, iobinding: bool | None = None):
         import onnxruntime as ort
 
         self.precision = check_precision(precision)
-        self.stride = int(stride) if stride is not None else _exported_stride(Path(encoder))
+        meta = _exported_meta(Path(encoder))
+        self.stride = int(stride) if stride is not None else int(meta.get("stride", 1))
+        self.feature_channels = int(feature_channels or meta.get("feature_channels", 0)) or None
+        self.feature_downsample = int(feature_downsample or meta.get("feature_downsample", 1))
         self.model_name = model_name
         self.paths = (Path(encoder), Path(decider))
         asked = list(providers) if providers else default_providers()
         opts = session_options(threads)
         self.threads = opts.intra_op_num_threads
-        # probe sessions: they load (and so check) both graphs and tell what the sessions really run
-        # on (ORT drops providers it cannot load without raising); runs get sessions per shape
+        stream = None
+        if CUDA in asked:
+            import torch
+
+            if torch.cuda.is_available():
+                stream = torch.cuda.Stream(device=device_id)
+            asked = [(CUDA, cuda_provider_options(device_id, stream)) if p == CUDA else p for p in asked]
+        # these sessions load (and so check) both graphs and tell what they really run on (ORT drops
+        # providers it cannot load without raising); on CPU, runs get sessions per shape
         probes = [ort.InferenceSession(str(path), opts, providers=asked) for path in self.paths]
         self.providers = list(probes[0].get_providers())
-        if CUDA in asked and CUDA not in self.providers:
-            log.warning("onnxruntime: CUDAExecutionProvider was requested but could not be loaded; running on %s",
-                        ", ".join(self.providers))
-        on_cuda = self.providers[0] == CUDA
-        self.device = "cuda:0" if on_cuda else "cpu"
-        self.name = "onnxruntime-cuda" if on_cuda else "onnxruntime-cpu"
-        # the CPU arena only pays where the CPU computes; CUDA has its own allocator
-        arena_pixels = 0 if on_cuda else ARENA_MAX_PIXELS
-        self._enc, self._dec = (_SessionPerShape(path, self.threads, self.providers, probe.get_outputs()[0].name,
-                                                 arena_pixels) for path, probe in zip(self.paths, probes))
+        if CUDA in [p if isinstance(p, str) else p[0] for p in asked] and CUDA not in self.providers:
+            from ray_mff.engines.choice import ort_gpu_conflict
 
-    def encode(self, y: np.ndarray) -> np.ndarray:
-        """(B, 1, H, W) float32 luminance -> (B, C, H', W') float32 features (H', W' padded to stride)."""
+            log.warning("onnxruntime: CUDAExecutionProvider was requested but could not be loaded; running on %s%s",
+                        ", ".join(self.providers), f" ({ort_gpu_conflict()})" if ort_gpu_conflict() else "")
+        on_cuda = self.providers[0] == CUDA
+        self.device = f"cuda:{device_id}" if on_cuda else "cpu"
+        self.name = "onnxruntime-cuda" if on_cuda else "onnxruntime-cpu"
+        outputs = [probe.get_outputs()[0].name for probe in probes]
+        # IOBinding needs torch tensors on the session's device: default on CUDA with a CUDA torch
+        self.iobinding = (on_cuda and stream is not None) if iobinding is None else bool(iobinding)
+        if self.iobinding and not self.feature_channels:
+            raise ValueError("IOBinding needs the encoder's feature channels (meta.json or feature_channels=)")
+        self._stream = stream if on_cuda else None
+        if self.iobinding:
+            import torch
+
+            dev = torch.device(self.device)
+            self._enc, self._dec = (_BoundSession(p, o, dev, self._stream) for p, o in zip(probes, outputs))
+        elif on_cuda:  # CPU-only torch beside onnxruntime-gpu: one session each, numpy in and out
+            self._enc, self._dec = (_OneSession(p, o) for p, o in zip(probes, outputs))
+        else:
+            self._enc, self._dec = (_SessionPerShape(path, self.threads, self.providers, o, ARENA_MAX_PIXELS)
+                                    for path, o in zip(self.paths, outputs))
+
+    # -- IOBinding (torch tensors on the session's device) ------------------------------------------
+
+    def _stream_ctx(self):
+        import torch
+
+        if self._stream is None:
+            return contextlib.nullcontext()
+        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
+        return torch.cuda.stream(self._stream)
+
+    def _to_device(self, x):
+        import torch
+
+        dev = torch.device(self.device)
+        if isinstance(x, torch.Tensor):
+            return x.to(dev, torch.float32, non_blocking=True)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if dev.type == "cuda":
+            t = t.pin_memory()  # page-locked staging: the copy to the GPU is asynchronous
+        t = t.to(dev, non_blocking=True)
+        h, w = t.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        return torch.nn.functional.pad(t, (0, pw, 0, ph), mode="replicate") if ph or pw else t
+
+    def _encode_bound(self, y):
+        with self._stream_ctx():
+            t = self._to_device(y)
+            b, _, h, w = t.shape
+            ds = self.feature_downsample
+            return self._enc.run({"y": t}, (b, self.feature_channels, -(-h // ds), -(-w // ds)))
+
+    def _decide_bound(self, feats_a, feats_b, y_a, y_b) -> np.ndarray:
+        import torch
+
+        h, w = y_a.shape[-2:]
+        with self._stream_ctx():
+            ya, yb = self._to_device(y_a), self._to_device(y_b)
+            d = self._dec.run({"feats_a": self._to_device(feats_a), "feats_b": self._to_device(feats_b),
+                               "y_a": ya, "y_b": yb}, tuple(ya.shape))
+            d = crop_to(d, h, w)
+            if d.device.type != "cuda":
+                return d.numpy().copy()
+            host = torch.empty(d.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(d, non_blocking=True)
+        self._stream.synchronize()
+        return host.numpy()
+
+    def encode(self, y: np.ndarray):
+        """(B, 1, H, W) float32 luminance -> (B, C, H', W') float32 features (H', W' padded to stride):
+        numpy, or a torch tensor on the session's device with IOBinding."""
+        if self.iobinding:
+            return self._encode_bound(y)
         y = np.ascontiguousarray(pad_to_multiple(np.asarray(y, dtype=np.float32), self.stride))
         return self._enc.run({"y": y}, y.shape)
 
-    def decide(self, feats_a: np.ndarray, feats_b: np.ndarray, y_a: np.ndarray, y_b: np.ndarray) -> np.ndarray:
+    def decide(self, feats_a, feats_b, y_a: np.ndarray, y_b: np.ndarray) -> np.ndarray:
         """Features (B, C, H', W') and luminances (B, 1, H, W) -> D (B, 1, H, W) float32 in [0, 1]."""
+        if self.iobinding:
+            return self._decide_bound(feats_a, feats_b, y_a, y_b)
         h, w = y_a.shape[-2:]
         feeds = {
             "feats_a": np.ascontiguousarray(feats_a, dtype=np.float32),
@@ -254,7 +406,7 @@ class OnnxEngine:
 
     def describe(self) -> dict:
         return {"engine": self.name, "precision": self.precision, "device": self.device,
-                "providers": list(self.providers), "threads": self.threads,
+                "providers": list(self.providers), "threads": self.threads, "iobinding": self.iobinding,
                 "model": self.model_name, "graphs": [str(p) for p in self.paths]}
 
     def __repr__(self) -> str:

@@ -118,7 +118,8 @@ def export_stack_model(model, out_dir: str | os.PathLike, opset: int = OPSET) ->
 def cached_stack_onnx(model, root: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Export once per model identity (code + config + weights: :func:`ray_mff.export.state_sha`)
     into ``<cache>/<name>-stack-<sha>/``, under a file lock so concurrent workers export once."""
-    from ray_mff.export import cache_root, file_lock, state_sha
+    from ray_mff.cache import cache_root, file_lock
+    from ray_mff.export import state_sha
 
     sha = state_sha(model)[:16]
     folder = Path(root or cache_root()) / f"{getattr(model, 'registry_name', 'model')}-stack-{sha}"

@@ -20,11 +20,28 @@ precision comes from the graph, so fp16 builds use the fp16 ONNX graph from
 :mod:`ray_mff.export` (fp16 arithmetic, float32 I/O) in a strongly typed network. Detected with
 ``hasattr(trt.BuilderFlag, "FP16")`` and the major version, see :func:`select_build_mode`.
 
+**Runtime memory.** Where this TensorRT has it (10.10+), plans are built with
+``PreviewFeature.RUNTIME_ACTIVATION_RESIZE_10_10``, so that a context's
+``update_device_memory_size_for_shapes()`` sizes its scratch memory for the shapes of each call
+(:mod:`ray_mff.engines.tensorrt_engine`) instead of the profile's largest.
+
 **Cache.** A plan only runs on the TensorRT version and GPU it was built for and only accepts
 shapes inside its profile, so it is cached under a key hashing the ONNX file's sha256, the
 TensorRT version, the GPU name and compute capability, the profile shapes and the precision
 (:func:`engine_cache_key`); any change gives a new key and a rebuild. The cache folder is local
 (default ``$RAY_MFF_CACHE/tensorrt``) or any ``s3://`` URI (:mod:`ray_mff.storage`).
+
+Beside the plans the cache keeps one **timing cache** per TensorRT version and GPU
+(``timing-<trt>-<gpu>.cache``: the measured kernel timings, ``config.create_timing_cache`` /
+``set_timing_cache``, serialized back after each build), so the second graph, a new profile or a
+new model on the same GPU skips most of the tactic timing.
+
+**One builder.** Every fusion actor that starts on a new node would otherwise build the same plans
+at once. For a local cache a lock file (:func:`ray_mff.cache.file_lock`) lets one process build while
+the others wait and then read its plan. For an ``s3://`` cache, shared by all nodes, a *create-only*
+marker object (``<plan>.building``, written with S3's ``If-None-Match: *``, or ``open(..., "xb")``
+on a filesystem) elects one builder per key; the others poll for the plan, and build themselves
+only if the marker is older than :data:`BUILD_TIMEOUT_S` (a builder that died).
 """
 from __future__ import annotations
 
@@ -201,6 +218,9 @@ def build_serialized_engine(trt, onnx_bytes: bytes, *, mode: BuildMode, shapes: 
         lo, opt, hi = shapes[name]
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
+    resize = getattr(getattr(trt, "PreviewFeature", None), "RUNTIME_ACTIVATION_RESIZE_10_10", None)
+    if resize is not None:  # scratch memory sized per call (see the module docstring)
+        config.set_preview_feature(resize, True)
     cache = None
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache)
@@ -219,13 +239,13 @@ def engine_cache_root() -> str:
     env = os.environ.get("RAY_MFF_TRT_CACHE")
     if env:
         return env
-    from ray_mff.export import cache_root
+    from ray_mff.cache import cache_root
 
     return str(cache_root() / "tensorrt")
 
 
 def _tensorrt():
-    from ray_mff.engines import require_tensorrt
+    from ray_mff.engines.choice import require_tensorrt
 
     require_tensorrt()
     import tensorrt as trt
@@ -264,15 +284,99 @@ def build_engine_file(onnx_path: str | os.PathLike, out: str | os.PathLike, *, p
     return Path(out)
 
 
+#: an ``s3://`` build marker older than this is a builder that died: build anyway
+BUILD_TIMEOUT_S = 1800.0
+
+
+def timing_cache_uri(root: str, trt_version: str, gpu: GpuInfo) -> str:
+    """Where the timing cache of this TensorRT version and GPU lives in the plan cache ``root``."""
+    import re
+
+    gpu_id = re.sub(r"[^A-Za-z0-9]+", "-", gpu.name).strip("-").lower()
+    return f"{root.rstrip('/')}/timing-{trt_version}-{gpu_id}-sm{gpu.compute_capability[0]}{gpu.compute_capability[1]}.cache"
+
+
+def create_only(uri: str, data: bytes) -> bool:
+    """Write ``data`` at ``uri`` only if nothing is there: True if this call created it.
+
+    S3: ``PutObject`` with ``If-None-Match: *`` (s3fs ``pipe_file(..., mode="create")``); local
+    paths: ``open(path, "xb")``. Either way exactly one of several concurrent writers wins.
+    """
+    from ray_mff import storage
+
+    if not storage.is_remote(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(uri, "xb") as f:
+                f.write(data)
+            return True
+        except FileExistsError:
+            return False
+    fs, path = storage.resolve(uri)
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:  # s3fs: 412 PreconditionFailed, someone else created it
+        return False
+    except Exception:  # noqa: BLE001 - another store may word a lost race differently
+        fs.invalidate_cache(path)
+        if fs.exists(path):
+            return False
+        raise
+
+
+def _marker_age(uri: str) -> float:
+    from ray_mff import storage
+
+    try:
+        facts = json.loads(storage.read_bytes(uri))
+        return time.time() - float(facts.get("time", 0))
+    except Exception:  # noqa: BLE001 - gone or unreadable: treat as stale
+        return float("inf")
+
+
+@contextlib.contextmanager
+def one_builder(root: str, uri: str, timeout: float | None = None, poll: float = 2.0):
+    """Context in which this process is the one builder of ``uri`` (a plan): a file lock for a local
+    cache, a create-only marker for ``s3://``. Yields False if, while waiting, another builder
+    wrote the plan (nothing to build), else True."""
+    from ray_mff import storage
+    from ray_mff.cache import file_lock
+
+    timeout = BUILD_TIMEOUT_S if timeout is None else timeout
+    if not storage.is_remote(root):
+        with file_lock(Path(root) / f".{storage.basename(uri)}.lock", timeout=timeout):
+            yield not storage.exists(uri)
+        return
+    marker = uri + ".building"
+    facts = json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "time": time.time()}).encode()
+    deadline = time.monotonic() + timeout
+    while not create_only(marker, facts):
+        if storage.exists(uri):
+            yield False
+            return
+        if _marker_age(marker) > timeout or time.monotonic() > deadline:
+            log.warning("TensorRT build marker %s is stale; building here", marker)
+            storage.write_bytes_atomic(marker, facts)
+            break
+        time.sleep(poll)
+    try:
+        yield not storage.exists(uri)
+    finally:
+        storage.remove(marker)
+
+
 def cached_engine(onnx_path: str | os.PathLike, *, precision: str, profile: ShapeProfile, feature_channels: int,
-                  feature_downsample: int = 1, workspace_bytes: int = 2 << 30, cache: str | None = None, trt=None, gpu: GpuInfo | None = None) -> bytes:
+                  feature_downsample: int = 1, workspace_bytes: int = 2 << 30, cache: str | None = None, trt=None,
+                  gpu: GpuInfo | None = None) -> bytes:
     """The serialized plan for ``onnx_path`` on this GPU, from the cache or built (and cached) now.
 
     ``onnx_path`` must be the graph that :func:`select_build_mode` asks for (``cached_onnx`` of
-    ``mode.onnx_precision``); make_engine takes care of that.
+    ``mode.onnx_precision``); make_engine takes care of that. One process per key builds (see the
+    module docstring), reusing and updating the timing cache kept beside the plans.
     """
     from ray_mff import storage
-    from ray_mff.export import file_sha, file_lock
+    from ray_mff.cache import file_sha
 
     trt = trt or _tensorrt()
     gpu = gpu or current_gpu()
@@ -281,24 +385,28 @@ def cached_engine(onnx_path: str | os.PathLike, *, precision: str, profile: Shap
     graph = "encoder" if onnx_path.stem.startswith("encoder") else "decider"
     key = engine_cache_key(onnx_sha256=file_sha(onnx_path), trt_version=trt.__version__, gpu=gpu, profile=profile,
                            precision=precision, mode=mode)
-    root = cache or engine_cache_root()
+    root = str(cache or engine_cache_root())
     uri = storage.join_uri(root, f"{graph}-{precision}-{key[:24]}.plan")
     if storage.exists(uri):
         log.info("TensorRT plan cache hit: %s", uri)
         return storage.read_bytes(uri)
-    lock = Path(root) / f".{key[:24]}.lock" if not storage.is_remote(root) else None
-    ctx = file_lock(lock) if lock else contextlib.nullcontext()
-    with ctx:
-        if storage.exists(uri):
+    with one_builder(root, uri) as build:
+        if not build:
+            log.info("TensorRT plan built by another process: %s", uri)
             return storage.read_bytes(uri)
-        plan, _ = build_serialized_engine(trt, onnx_path.read_bytes(), mode=mode,
-                                          shapes=profile.input_shapes(graph, feature_channels, feature_downsample),
-                                          workspace_bytes=workspace_bytes)
+        timing_uri = timing_cache_uri(root, trt.__version__, gpu)
+        timing = storage.read_bytes(timing_uri) if storage.exists(timing_uri) else b""
+        plan, new_timing = build_serialized_engine(trt, onnx_path.read_bytes(), mode=mode,
+                                                   shapes=profile.input_shapes(graph, feature_channels,
+                                                                               feature_downsample),
+                                                   workspace_bytes=workspace_bytes, timing_cache=timing)
         facts = {"onnx": str(onnx_path), "tensorrt": trt.__version__, "gpu": gpu.name,
                  "compute_capability": list(gpu.compute_capability), "profile": asdict(profile),
                  "precision": precision, "mode": asdict(mode), "key": key}
         storage.write_bytes_atomic(uri, plan)
         storage.write_bytes_atomic(uri[: -len(".plan")] + ".json", json.dumps(facts, indent=2).encode())
+        if new_timing:
+            storage.write_bytes_atomic(timing_uri, new_timing)
         log.info("built and cached TensorRT %s plan (%s): %s", graph, mode.why, uri)
     return plan
 
@@ -309,7 +417,8 @@ def build_plans(model_name: str, out_dir: str | os.PathLike, *, precision: str =
     """Export ``model_name`` to the ONNX graph this TensorRT needs for ``precision`` and build both
     plans into ``out_dir`` (``encoder.plan``, ``decider.plan``, ``plans.json``). Returns the paths
     and facts. This is what ``ray-mff export --format tensorrt`` and ``trt/build_engine.py`` run."""
-    from ray_mff.export import export_onnx, file_sha
+    from ray_mff.cache import file_sha
+    from ray_mff.export import export_onnx
 
     trt = trt or _tensorrt()
     profile = profile or ShapeProfile()

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple
+from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple, repeat_batch
 from ray_mff.fusion.calibration import DecisionCalibrator, tie_break_measure
 from ray_mff.fusion.decision import check_stack, fuse_with_weights
 from ray_mff.fusion.luminance import from_unit_float, luminance, to_unit_float
@@ -142,7 +142,8 @@ class ModelFuser:
                 if not chunk:
                     continue
             b = len(chunk)
-            d = self._decide(np.repeat(f_ref, b, axis=0), f, np.repeat(y_ref, b, axis=0), y, h, w)
+            # the reference's features stay where the engine keeps them (a CUDA tensor on GPU engines)
+            d = self._decide(repeat_batch(f_ref, b), f, np.repeat(y_ref, b, axis=0), y, h, w)
             for j, k in enumerate(chunk):
                 cal.add(k, d[j], tie_break_measure(lums[k]))
         return cal.weights()

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_mff.models import register_model
+from ray_mff.models.registry import register_model
 
 
 def box_filter(x: torch.Tensor, radius: int, stride: int = 1) -> torch.Tensor:

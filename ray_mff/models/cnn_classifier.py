@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_mff.models import register_model
+from ray_mff.models.registry import register_model
 
 PATCH = 16  # Liu et al.'s patch size; the classifier's input at 2x pooling is PATCH // 2 = 8
 

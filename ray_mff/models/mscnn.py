@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_mff.models import register_model
+from ray_mff.models.registry import register_model
 
 
 def _act(x: torch.Tensor) -> torch.Tensor:

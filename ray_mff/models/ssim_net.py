@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ray_mff.models import register_model
+from ray_mff.models.registry import register_model
 
 
 def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Conv2d:
