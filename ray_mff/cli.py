@@ -103,6 +103,8 @@ def add_align_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align-crop", action="store_true",
                    help="crop aligned planes to the region valid in all of them (default: full frame, "
                         "borders replicated)")
+    p.add_argument("--align-resampling", default="cubic", choices=["cubic", "lanczos4", "linear"],
+                   help="resampling of aligned planes (lanczos4: sharpest, about 4x the time of cubic)")
     p.add_argument("--match-exposure", action="store_true",
                    help="match each plane's gain/offset to the reference plane's")
     p.add_argument("--flat-field", default=None, metavar="PATH",
@@ -125,7 +127,8 @@ def align_options_from_args(args):
 
     return AlignOptions(mode=getattr(args, "align", "none"), reference=getattr(args, "align_reference", "middle"),
                         crop=getattr(args, "align_crop", False), match_exposure=getattr(args, "match_exposure", False),
-                        flat_field=getattr(args, "flat_field", None))
+                        flat_field=getattr(args, "flat_field", None),
+                        resampling=getattr(args, "align_resampling", "cubic"))
 
 
 def run_options_from_args(args):
