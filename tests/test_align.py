@@ -227,3 +227,26 @@ def test_ray_pipeline_from_s3_with_alignment_and_flat_field(_ray_s3, s3_bucket, 
     mask = np.zeros(truth.shape[:2], bool)
     mask[20:-20, 20:-20] = True
     assert _psnr(truth, fused, mask) > 30
+
+
+def test_cli_fuse_and_eval_with_alignment(tmp_path, fixtures, capsys):
+    import json
+    import shutil
+
+    from ray_mff import cli
+    from tests.conftest import REPO
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("lytro_05_A.png", "lytro_05_B.png"):
+        shutil.copy(REPO / "examples" / name, src / name)
+    out = tmp_path / "out"
+    args = ["--align", "similarity", "--match-exposure"]
+    assert cli.main(["fuse", str(src), str(out), "--method", "guided", *args]) == 0
+    row = pd.read_parquet(out / "manifest.parquet").iloc[0]
+    assert row["align"] == "similarity/middle+exposure" and row["align_failed"] == 0
+    assert row["exposure_gain_min"] <= 1.0 <= row["exposure_gain_max"]
+    capsys.readouterr()
+    assert cli.main(["eval", str(src), str(out), "--json", *args]) == 0
+    scored = json.loads(capsys.readouterr().out)["stacks"][0]
+    assert scored["q_g"] == pytest.approx(row["q_g"], abs=1e-9)  # the same aligned sources
