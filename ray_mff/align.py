@@ -69,6 +69,10 @@ REFERENCES = ("middle", "chain")
 # Resampling kernels of the apply step (bench/alignment.py measures each): bilinear blurs sharp
 # detail, bicubic is the default, Lanczos-4 keeps the most detail at about 4x bicubic's time.
 RESAMPLING = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "lanczos4": cv2.INTER_LANCZOS4}
+# A plane whose transform moves no image corner by this much (px) is not resampled: it is
+# already registered, and resampling would only smooth it (bicubic costs ~0.1 dB against the
+# truth, table 2 of docs/alignment.md) and take time. Well under the estimator's own median error.
+STILL_PX = 0.05
 _ECC_MOTION = {"translation": cv2.MOTION_TRANSLATION, "similarity": cv2.MOTION_AFFINE, "affine": cv2.MOTION_AFFINE}
 
 
@@ -234,15 +238,24 @@ class StackAlignment:
                 y += np.float32(p.offset) * full
         else:
             y = x
-        moved = not np.allclose(p.transform, np.eye(3), atol=1e-9)
+        moved = corner_motion(p.transform, self.shape) >= STILL_PX
         if moved or self.crop_box is not None:
-            y = _warp(y, p.transform, self.crop_box, self.shape, RESAMPLING[self.options.resampling])
+            # a still plane is only cropped: an integer shift, which copies pixels exactly
+            t = p.transform if moved else np.eye(3)
+            y = _warp(y, t, self.crop_box, self.shape, RESAMPLING[self.options.resampling])
         if y is x:
             return x
         if x.dtype.kind in "ui" and y.dtype != x.dtype:
             info = np.iinfo(x.dtype)
             y = np.clip(np.rint(y), info.min, info.max).astype(x.dtype)
         return y.astype(x.dtype, copy=False)
+
+
+def corner_motion(transform: np.ndarray, shape: tuple[int, int]) -> float:
+    """Largest displacement (px) of the four image corners under ``transform`` (0 for the identity)."""
+    h, w = shape
+    p = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], float).T
+    return float(np.abs((transform @ p - p)[:2]).max())
 
 
 def _warp(img: np.ndarray, transform: np.ndarray, crop_box, shape, interpolation: int) -> np.ndarray:
@@ -649,7 +662,7 @@ def common_valid_box(shape: tuple[int, int], transforms: list[np.ndarray]) -> tu
     corners = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], float).T
     left, top, right, bottom = 0.0, 0.0, w - 1.0, h - 1.0
     for t in transforms:
-        if np.allclose(t, np.eye(3)):
+        if corner_motion(t, shape) < STILL_PX:  # not resampled (StackAlignment.apply)
             continue
         p = np.linalg.inv(t) @ corners  # plane corners in the reference frame: TL, TR, BL, BR
         left = max(left, p[0, 0], p[0, 2])

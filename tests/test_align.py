@@ -87,6 +87,22 @@ def test_similarity_alignment_restores_fusion_of_a_misregistered_stack(moved_sta
     assert summary["align_scale_max"] == pytest.approx(max(true_scales), abs=2e-3)
 
 
+def test_registered_planes_are_not_resampled():
+    from ray_mff.align import STILL_PX, corner_motion
+
+    stack, _, _ = render_focus_stack(_picture(), 4, seed=3)  # registered: only the focus differs
+    aligned, how = align_stack(list(stack), AlignOptions(mode="similarity"))
+    motion = [corner_motion(t, stack[0].shape[:2]) for t in how.transforms]
+    still = [i for i, m in enumerate(motion) if m < STILL_PX and i != how.reference]
+    assert still, motion  # this stack has a plane registered to within STILL_PX besides the reference
+    for i in range(len(stack)):
+        assert np.array_equal(aligned[i], stack[i]) == (motion[i] < STILL_PX), (i, motion)
+    cropped, how = align_stack(list(stack), AlignOptions(mode="similarity", crop=True))
+    y0, y1, x0, x1 = how.crop_box
+    for i in still + [how.reference]:  # cropped only: pixels copied exactly
+        assert np.array_equal(cropped[i], stack[i][y0:y1, x0:x1]), i
+
+
 def test_aligned_planes_fuse_in_tiles(moved_stack):
     from ray_mff.tiling import TiledFuser
 
