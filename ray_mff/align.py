@@ -30,7 +30,9 @@ into the frame of a reference plane, the same way for every method and both exec
    strongly low-passed, registered, well-exposed pixels (defocus moves light around locally but
    keeps local means, so a low-pass much wider than the blur is the same in every plane).
 5. **output frame**: full frame with replicated borders (default; every plane keeps the input
-   size), or ``crop=True``: every plane cropped to the region valid in all of them.
+   size), or ``crop=True``: every plane cropped to the region valid in all of them. A plane whose
+   transform moves no image corner by ``STILL_PX`` (0.05 px) is not resampled (only cropped):
+   it is already registered, and resampling would only smooth it.
 
 Reference: the middle plane, or ``chain``: each plane registered to its neighbour towards the
 middle (the last plane that aligned), transforms composed. Chaining suits long sweeps whose end

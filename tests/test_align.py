@@ -77,7 +77,9 @@ def test_similarity_alignment_restores_fusion_of_a_misregistered_stack(moved_sta
         assert _corner_error(how.transforms[i], t, truth.shape[:2]) < 0.5, i
     # The issue asks for 0.5 dB; this stack's farthest plane registers 0.37 px off (a defocus
     # bias; with the true transforms it fuses 0.28 dB *above* the unmoved stack) and lands at
-    # -0.60 dB. bench/alignment.py reports the mean over BSDS500 val stacks.
+    # -0.60 dB. Neither the working size (128/160/256 px), the common-scale blur (1-3 px) nor
+    # chaining (-0.51 dB) brings it within 0.5 dB (measured); bench/alignment.py reports the
+    # mean over BSDS500 val stacks, which is within it (-0.36 dB).
     assert realigned >= registered - 0.75, (registered, unaligned, realigned)
     assert realigned >= unaligned + 3.0, (registered, unaligned, realigned)
     summary = how.summary()
