@@ -17,10 +17,12 @@ Four tables, each against a baseline measured in the same run:
 3. *real stacks*: stack_v4 (65 x 1600x1200) and the Lytro pairs and triples fused with
    ``guided`` under ``--align none`` (checked bit-identical to no align stage) and ``similarity``;
    Q_G / Q_Y / Q_MI against the sources in the fused image's frame (as ``ray-mff eval --align``).
-4. *cost*: alignment time (estimate + apply) / guided fusion time on stack_v4, same run.
+4. *cost*: alignment time (estimate + apply) / guided fusion time on stack_v4, same run, wall
+   clock and process CPU time (the steadier one on a loaded machine).
 
     .venv/bin/python bench/alignment.py                    # all four (about 10 min on 2 cores)
     .venv/bin/python bench/alignment.py --images 8 --skip-real
+    .venv/bin/python bench/alignment.py --real-only        # tables 3 and 4 only
 """
 from __future__ import annotations
 
