@@ -79,6 +79,7 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
                    help="also write OUTPUT/decision_maps/<stack>.png (D for pairs, source index for stacks)")
     p.add_argument("--no-metrics", action="store_true", help="skip Q_G/Q_Y/Q_MI in the manifest")
     p.add_argument("--max-pixels", type=int, default=None, help="reject images with more pixels than this")
+    add_align_options(p)
     p.add_argument("--executor", default="auto", choices=["auto", "local", "ray"],
                    help=f"local loop or Ray Data pipeline (auto: Ray for more than {RAY_THRESHOLD} stacks)")
     p.add_argument("--s3-endpoint", default=None,
@@ -93,6 +94,23 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
                    help="Ray: manifest part file every N finished stacks (a killed run keeps what it flushed)")
 
 
+def add_align_options(p: argparse.ArgumentParser) -> None:
+    """The align stage's options (``fuse``, and ``eval`` to score against the same aligned sources)."""
+    p.add_argument("--align", default="none", choices=["none", "translation", "similarity", "affine"],
+                   help="register every plane to a reference plane before fusing (default: none)")
+    p.add_argument("--align-reference", default="middle", choices=["middle", "chain"],
+                   help="register to the middle plane, or neighbour to neighbour towards it (long sweeps)")
+    p.add_argument("--align-crop", action="store_true",
+                   help="crop aligned planes to the region valid in all of them (default: full frame, "
+                        "borders replicated)")
+    p.add_argument("--align-resampling", default="cubic", choices=["cubic", "lanczos4", "linear"],
+                   help="resampling of aligned planes (lanczos4: sharpest, about 4x the time of cubic)")
+    p.add_argument("--match-exposure", action="store_true",
+                   help="match each plane's gain/offset to the reference plane's")
+    p.add_argument("--flat-field", default=None, metavar="PATH",
+                   help="blank frame (file or s3:// uri) to divide every plane by before aligning")
+
+
 def fuser_spec_from_args(args) -> dict:
     """Everything needed to build the fuser again inside a Ray actor."""
     from ray_mff.methods import default_method
@@ -104,11 +122,20 @@ def fuser_spec_from_args(args) -> dict:
     return spec
 
 
+def align_options_from_args(args):
+    from ray_mff.align import AlignOptions
+
+    return AlignOptions(mode=getattr(args, "align", "none"), reference=getattr(args, "align_reference", "middle"),
+                        crop=getattr(args, "align_crop", False), match_exposure=getattr(args, "match_exposure", False),
+                        flat_field=getattr(args, "flat_field", None),
+                        resampling=getattr(args, "align_resampling", "cubic"))
+
+
 def run_options_from_args(args):
     from ray_mff.runner import RunOptions
 
     opts = RunOptions(output_format=args.output_format, save_decision_maps=args.save_decision_maps,
-                      compute_metrics=not args.no_metrics, force=args.force)
+                      compute_metrics=not args.no_metrics, force=args.force, align=align_options_from_args(args))
     if args.max_pixels:
         opts.max_pixels = args.max_pixels
     return opts
@@ -190,12 +217,14 @@ def cmd_fuse(args) -> int:
 
 def cmd_eval(args) -> int:
     from ray_mff import io, metrics, storage
+    from ray_mff.align import align_stack
     from ray_mff.stacks import discover_stacks
 
     if args.s3_endpoint:
         storage.set_s3_endpoint(args.s3_endpoint)
     fused_files = _index_by_stem([e.uri for e in storage.list_files(args.fused)])
     truth_files = _index_by_stem([e.uri for e in storage.list_files(args.truth)]) if args.truth else {}
+    align = align_options_from_args(args)
     rows = []
     for stack in discover_stacks(args.src, pattern=args.pattern):
         row = {"stack_id": stack.id, "n_images": len(stack.uris)}
@@ -206,6 +235,7 @@ def cmd_eval(args) -> int:
             continue
         try:
             sources = io.read_stack(stack.uris)
+            sources, _ = align_stack(sources, align)  # the fused image's frame (a no-op by default)
             fused = io.read_image(fused_uri)
             truth = io.read_image(truth_files[stack.id]) if stack.id in truth_files else None
             row.update(metrics.evaluate(sources, fused, truth=truth))
@@ -259,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--s3-endpoint", default=None)
+    add_align_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("methods", help="list fusion methods and models")

@@ -51,6 +51,15 @@ SCHEMA = pa.schema(
         ("q_g", pa.float64()),
         ("q_y", pa.float64()),
         ("q_mi", pa.float64()),
+        # align stage (ray_mff.align): what ran and a per-stack summary of the transforms
+        ("align", pa.string()),
+        ("align_max_shift_px", pa.float64()),
+        ("align_scale_min", pa.float64()),
+        ("align_scale_max", pa.float64()),
+        ("align_residual", pa.float64()),
+        ("align_failed", pa.int64()),
+        ("exposure_gain_min", pa.float64()),
+        ("exposure_gain_max", pa.float64()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
     ]
 )

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ray_mff import io, manifest, storage
+from ray_mff.align import AlignOptions, align_stack
 from ray_mff.errors import EmptyStackError, MFFError
 from ray_mff.fusion.result import FusionResult
 from ray_mff.stacks import Stack
@@ -37,6 +38,7 @@ class RunOptions:
     q_y_max_sources: int = 8  # Q_Y compares every pair of sources: O(N^2*H*W); skipped above this
     max_pixels: int = io.DEFAULT_MAX_PIXELS
     force: bool = False
+    align: AlignOptions = field(default_factory=AlignOptions)  # registration/photometry before fusion
 
 
 @dataclass
@@ -152,6 +154,8 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
         if not stack.uris:
             raise EmptyStackError(stack.id, "stack has no images")
         images = io.read_stack(stack.uris, max_pixels=opts.max_pixels)
+        images, alignment = align_stack(images, opts.align)  # the align stage (a no-op by default)
+        alignment.update_row(row)
         first = images[0]
         row.update(height=first.shape[0], width=first.shape[1],
                    channels=1 if first.ndim == 2 else first.shape[2], dtype=str(first.dtype))

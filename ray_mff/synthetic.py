@@ -231,3 +231,82 @@ def render_focus_stack(
         stack.append(from_unit_float(np.clip(acc, 0.0, 1.0), out_dtype))
     truth = from_unit_float(src, out_dtype)
     return stack, truth, depth_index
+
+
+
+def render_misregistered_stack(
+    image: np.ndarray,
+    n_images: int,
+    *,
+    rng: np.random.Generator | None = None,
+    seed: int | None = None,
+    max_shift: float = 0.03,
+    max_scale_change: float = 0.02,
+    max_rotation_deg: float = 0.0,
+    supersample: int = 2,
+    optics_sigma: float = 0.7,
+    noise_sigma: float = 0.003,
+    dtype: np.dtype | None = None,
+    **render_options,
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """A focus stack as a moving camera (or focus breathing) records it, with known transforms.
+
+    Every plane but the reference (the middle one, N // 2) is moved by a random similarity about
+    the image centre: scale 1 +- ``max_scale_change``, shift up to ``max_shift`` x width per axis,
+    rotation up to ``max_rotation_deg``. To sample the moved scene afresh rather than resample a
+    finished plane (which would blur it before any aligner sees it), the stack is rendered at
+    ``supersample`` x the resolution (:func:`render_focus_stack`, blur radii scaled alike), moved
+    there, and area-averaged down; sensor noise and quantisation come last, the same noise for a
+    plane in both versions. ``optics_sigma`` (output pixels) is the camera's in-focus PSF, a
+    Gaussian applied to the picture before anything else (a real lens and demosaicing never
+    deliver detail right up to the pixel pitch); the truth is the picture through that PSF.
+
+    Returns (registered, moved, truth, transforms): the stack without and with the motion, the
+    all-in-focus truth (reference frame) and, per plane, the 3x3 map from reference pixel
+    coordinates to that plane's pixel coordinates (what :mod:`ray_mff.align` estimates).
+    """
+    if rng is None:
+        rng = np.random.default_rng(seed)
+    s = int(supersample)
+    src = to_unit_float(np.asarray(image))
+    if optics_sigma > 0:
+        src = cv2.GaussianBlur(src, (0, 0), optics_sigma).reshape(src.shape)
+    h, w = src.shape[:2]
+    big = cv2.resize(src, (w * s, h * s), interpolation=cv2.INTER_CUBIC).reshape((h * s, w * s) + src.shape[2:])
+    radius = float(render_options.pop("max_radius", 8.0)) * s
+    planes, _, _ = render_focus_stack(np.clip(big, 0, 1), n_images, rng=rng, max_radius=radius, noise_sigma=0.0,
+                                      dtype=np.float32, **render_options)
+    out_dtype = np.dtype(image.dtype if dtype is None else dtype)
+    n = len(planes)
+    ref = n // 2
+    up = np.array([[s, 0, 0.5 * s - 0.5], [0, s, 0.5 * s - 0.5], [0, 0, 1.0]])  # pixel centres, x -> s x
+    centre = np.array([[1.0, 0, (w - 1) / 2], [0, 1.0, (h - 1) / 2], [0, 0, 1]])
+    registered, moved, transforms = [], [], []
+
+    def finish(x: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        small = cv2.resize(x, (w, h), interpolation=cv2.INTER_AREA).reshape(src.shape)
+        return from_unit_float(np.clip(small + noise, 0, 1), out_dtype)
+
+    for i, plane in enumerate(planes):
+        noise = rng.normal(0.0, noise_sigma, src.shape).astype(np.float32) if noise_sigma > 0 else 0.0
+        registered.append(finish(plane, noise))
+        if i == ref:
+            moved.append(registered[-1].copy())
+            transforms.append(np.eye(3))
+            continue
+        k = 1.0 + rng.uniform(-max_scale_change, max_scale_change)
+        theta = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg))
+        tx, ty = rng.uniform(-max_shift, max_shift, 2) * w
+        linear = np.array([[k * np.cos(theta), -k * np.sin(theta), 0], [k * np.sin(theta), k * np.cos(theta), 0],
+                           [0, 0, 1.0]])
+        t = np.array([[1.0, 0, tx], [0, 1.0, ty], [0, 0, 1]]) @ centre @ linear @ np.linalg.inv(centre)
+        t_big = up @ t @ np.linalg.inv(up)
+        # the scene point at reference pixel x lands on pixel t @ x of the moved plane
+        chans = [plane] if plane.ndim == 2 or plane.shape[2] <= 4 else [plane[..., c] for c in range(plane.shape[2])]
+        warped = [cv2.warpAffine(np.ascontiguousarray(c), t_big[:2], (w * s, h * s), flags=cv2.INTER_CUBIC,
+                                 borderMode=cv2.BORDER_REPLICATE) for c in chans]
+        warped = warped[0].reshape(plane.shape) if len(warped) == 1 else np.stack(warped, axis=2)
+        moved.append(finish(warped, noise))
+        transforms.append(t)
+    truth = from_unit_float(src, out_dtype)
+    return registered, moved, truth, transforms

@@ -1,0 +1,396 @@
+"""Alignment benchmark: registration choices, fusion of misregistered stacks, real stacks, cost.
+
+Four tables, each against a baseline measured in the same run:
+
+1. *estimators*: synthetic focus stacks from BSDS500 *val* (disk-PSF defocus,
+   :func:`ray_mff.synthetic.render_focus_stack`) misregistered with known similarities (shift up
+   to 3% of the width, scale up to 2%, :func:`ray_mff.synthetic.misregister_stack`). Error = the
+   largest corner displacement between the estimated and the true transform (px); time per
+   plane. Candidates: ECC as :mod:`ray_mff.align` runs it, with other registration images
+   (raw luminance, gradient magnitude, band-pass) and at full resolution; phase correlation
+   (OpenCV; log-polar for scale after Reddy & Chatterji 1996); scikit-image's
+   ``phase_cross_correlation``; ORB and SIFT features with RANSAC similarity fits.
+2. *fusion vs truth*: the same stacks fused with ``guided``: registered (the baseline), moved and
+   fused as they are, moved and aligned (similarity; middle and chain). PSNR against the truth on
+   the common valid region: reference-frame pixels that every moved plane saw (the intersection
+   of their footprints, eroded by 3 px).
+3. *real stacks*: stack_v4 (65 x 1600x1200) and the Lytro pairs and triples fused with
+   ``guided`` under ``--align none`` (checked bit-identical to no align stage) and ``similarity``;
+   Q_G / Q_Y / Q_MI against the sources in the fused image's frame (as ``ray-mff eval --align``).
+4. *cost*: alignment time (estimate + apply) / guided fusion time on stack_v4, same run, wall
+   clock and process CPU time (the steadier one on a loaded machine).
+
+    .venv/bin/python bench/alignment.py                    # all four (about 10 min on 2 cores)
+    .venv/bin/python bench/alignment.py --images 8 --skip-real
+    .venv/bin/python bench/alignment.py --real-only        # tables 3 and 4 only
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from report_table import format_table  # noqa: E402
+from ray_mff import align, io, metrics  # noqa: E402
+from ray_mff.align import AlignOptions, PlaneAlignment, StackAlignment, align_stack, estimate_alignment  # noqa: E402
+from ray_mff.fusion.luminance import luminance  # noqa: E402
+from ray_mff.methods import get_fuser  # noqa: E402
+from ray_mff.synthetic import render_misregistered_stack  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+
+
+# ------------------------------------------------------------------------------ shared helpers
+
+
+def corner_error(estimated: np.ndarray, truth: np.ndarray, shape) -> float:
+    """Largest displacement (px) between two reference->plane maps at the image corners."""
+    h, w = shape
+    p = np.array([[0, 0, 1], [w - 1, 0, 1], [0, h - 1, 1], [w - 1, h - 1, 1]], float).T
+    return float(np.abs((estimated @ p - truth @ p)[:2]).max())
+
+
+def valid_region(transforms, shape, erode: int = 3) -> np.ndarray:
+    """(H, W) bool: reference pixels x with T x inside every moved plane's frame, eroded."""
+    h, w = shape
+    ones = np.ones((h, w), np.uint8)
+    mask = ones.copy()
+    for t in transforms:
+        seen = cv2.warpAffine(ones, t[:2], (w, h), flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        mask &= seen
+    return cv2.erode(mask, np.ones((2 * erode + 1, 2 * erode + 1), np.uint8)) > 0
+
+
+def psnr(truth: np.ndarray, fused: np.ndarray, mask: np.ndarray) -> float:
+    peak = 255.0 if truth.dtype == np.uint8 else float(np.iinfo(truth.dtype).max)
+    err = (truth.astype(np.float64) - fused.astype(np.float64)) ** 2
+    if err.ndim == 3:
+        err = err.mean(axis=2)
+    return float(10 * np.log10(peak * peak / err[mask].mean()))
+
+
+def synthetic_cases(folder: Path, count: int, n: int, max_radius: float):
+    files = sorted(x for x in folder.iterdir() if x.suffix.lower() in (".jpg", ".png"))[:count]
+    rng = np.random.default_rng(17)
+    for k, path in enumerate(files):
+        picture = io.read_image(str(path))
+        stack, moved, truth, transforms = render_misregistered_stack(picture, n, rng=rng, max_radius=max_radius)
+        yield stack, truth, moved, transforms
+
+
+# ---------------------------------------------------------------------------- 1. estimators
+
+
+def _small(lum, f):
+    h, w = lum.shape
+    return cv2.resize(lum, (max(8, round(w * f)), max(8, round(h * f))), interpolation=cv2.INTER_AREA)
+
+
+def _level(f):
+    return np.array([[f, 0, 0.5 * f - 0.5], [0, f, 0.5 * f - 0.5], [0, 0, 1.0]])
+
+
+def _phase_logpolar(ref, mov):
+    """Scale from log-polar magnitude spectra, then translation (Reddy & Chatterji 1996)."""
+    win = cv2.createHanningWindow(ref.shape[::-1], cv2.CV_32F)
+
+    def spectrum(x):
+        return np.log1p(np.fft.fftshift(np.abs(np.fft.fft2(x * win)))).astype(np.float32)
+
+    a, b = spectrum(ref), spectrum(mov)
+    size = (a.shape[1], a.shape[0])
+    c, r = (a.shape[1] / 2, a.shape[0] / 2), min(a.shape) / 2
+    la = cv2.warpPolar(a, size, c, r, cv2.WARP_POLAR_LOG + cv2.INTER_LINEAR)
+    lb = cv2.warpPolar(b, size, c, r, cv2.WARP_POLAR_LOG + cv2.INTER_LINEAR)
+    (dx, _), _ = cv2.phaseCorrelate(la, lb)
+    s = float(np.exp(-dx * np.log(r) / size[0]))
+    cx, cy = (ref.shape[1] - 1) / 2, (ref.shape[0] - 1) / 2
+    m = np.array([[s, 0, cx - s * cx], [0, s, cy - s * cy], [0, 0, 1.0]])
+    unscaled = cv2.warpAffine(mov, m[:2], size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REPLICATE)
+    (tx, ty), _ = cv2.phaseCorrelate(ref, unscaled, win)
+    return m @ np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1.0]])
+
+
+def _phase_translation(ref, mov):
+    (tx, ty), _ = cv2.phaseCorrelate(ref, mov, cv2.createHanningWindow(ref.shape[::-1], cv2.CV_32F))
+    return np.array([[1, 0, tx], [0, 1, ty], [0, 0, 1.0]])
+
+
+def _skimage_translation(ref, mov):
+    from skimage.registration import phase_cross_correlation
+
+    shift, _, _ = phase_cross_correlation(ref, mov, upsample_factor=20)
+    return np.array([[1, 0, -shift[1]], [0, 1, -shift[0]], [0, 0, 1.0]])
+
+
+def _features(detector, norm):
+    def estimate(ref, mov):
+        a = np.clip(ref * 255, 0, 255).astype(np.uint8)
+        b = np.clip(mov * 255, 0, 255).astype(np.uint8)
+        ka, da = detector.detectAndCompute(a, None)
+        kb, db = detector.detectAndCompute(b, None)
+        matches = cv2.BFMatcher(norm, crossCheck=True).match(da, db)
+        pa = np.float32([ka[m.queryIdx].pt for m in matches])
+        pb = np.float32([kb[m.trainIdx].pt for m in matches])
+        m, _ = cv2.estimateAffinePartial2D(pa, pb, method=cv2.RANSAC, ransacReprojThreshold=2.0)
+        return np.vstack([m, [0, 0, 1.0]])
+
+    return estimate
+
+
+def _pairwise(fn, f=1.0):
+    """A pairwise estimator on luminance resized by ``f`` -> full-resolution 3x3 map."""
+    def run(moved, ref_index):
+        ref = _small(luminance(moved[ref_index]), f)
+        out = []
+        for i, plane in enumerate(moved):
+            if i == ref_index:
+                out.append(np.eye(3))
+                continue
+            s = _level(f)
+            try:
+                out.append(np.linalg.inv(s) @ fn(ref, _small(luminance(plane), f)) @ s)
+            except Exception:  # a candidate that cannot register counts with the identity
+                out.append(np.eye(3))
+        return out
+
+    return run
+
+
+def _align_module(preparation=None, **opts):
+    """ray_mff.align as it ships, optionally with another registration image."""
+    def run(moved, ref_index):
+        original = align._common_scale
+        if preparation is not None:
+            align._common_scale = preparation
+        try:
+            return estimate_alignment(moved, AlignOptions(mode="similarity", **opts)).transforms
+        finally:
+            align._common_scale = original
+
+    return run
+
+
+def _gradient_magnitude(lum, sigma):
+    g = cv2.GaussianBlur(lum, (0, 0), sigma)
+    return cv2.magnitude(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
+
+
+def _band_pass(lum, sigma):
+    return cv2.GaussianBlur(lum, (0, 0), sigma) - cv2.GaussianBlur(lum, (0, 0), 4 * sigma)
+
+
+def estimator_table(cases) -> list[list[str]]:
+    candidates = {
+        "ecc, luminance blurred to a common scale (shipped)": _align_module(),
+        "ecc, raw luminance": _align_module(lambda x, s: x),
+        "ecc, gradient magnitude": _align_module(_gradient_magnitude),
+        "ecc, band-pass (DoG)": _align_module(_band_pass),
+        "ecc, full resolution (working_size 4096)": _align_module(working_size=4096),
+        "ecc + full-res windows (refine_pixels 2^17)": _align_module(refine_pixels=1 << 17),
+        "phase correlation, log-polar scale (cv2)": _pairwise(_phase_logpolar, 0.5),
+        "phase correlation, translation (cv2)": _pairwise(_phase_translation),
+        "phase_cross_correlation (skimage)": _pairwise(_skimage_translation),
+        "ORB + RANSAC similarity (cv2)": _pairwise(_features(cv2.ORB_create(2000), cv2.NORM_HAMMING)),
+        "SIFT + RANSAC similarity (cv2)": _pairwise(_features(cv2.SIFT_create(), cv2.NORM_L2)),
+    }
+    lines = []
+    for name, run in candidates.items():
+        errors, seconds, planes = [], 0.0, 0
+        for _, _, moved, transforms in cases:
+            ref = len(moved) // 2
+            t0 = time.perf_counter()
+            estimated = run(moved, ref)
+            seconds += time.perf_counter() - t0
+            planes += len(moved) - 1
+            shape = moved[0].shape[:2]
+            errors += [corner_error(estimated[i], transforms[i], shape) for i in range(len(moved)) if i != ref]
+        e = np.array(errors)
+        lines.append([name, f"{np.median(e):.3f}", f"{np.percentile(e, 90):.3f}", f"{e.max():.2f}",
+                      f"{(e > 1).mean() * 100:.0f}%", f"{1000 * seconds / planes:.1f}"])
+    return lines
+
+
+# ------------------------------------------------------------------------ 2. fusion vs truth
+
+
+def fusion_table(cases, fuser) -> tuple[list[list[str]], dict]:
+    variants = {
+        "registered (baseline)": None,
+        "moved, fused unaligned": AlignOptions(),
+        "moved, --align similarity": AlignOptions(mode="similarity"),
+        "moved, --align similarity --align-reference chain": AlignOptions(mode="similarity", reference="chain"),
+        "moved, --align translation": AlignOptions(mode="translation"),
+    }
+    scores = {k: [] for k in variants}
+    kernels: dict[str, list[float]] = {}
+    for stack, truth, moved, transforms in cases:
+        mask = valid_region(transforms, truth.shape[:2])
+        for name, opts in variants.items():
+            planes = list(stack) if opts is None else list(moved)
+            if opts is not None:
+                planes, _ = align_stack(planes, opts)
+            scores[name].append(psnr(truth, fuser.fuse(planes).fused, mask))
+        # the resampling kernel of the apply step; and the true transforms (the estimator's ceiling)
+        for kernel in align.RESAMPLING:
+            planes, _ = align_stack(list(moved), AlignOptions(mode="similarity", resampling=kernel))
+            kernels.setdefault(f"moved, --align similarity --align-resampling {kernel}", []).append(
+                psnr(truth, fuser.fuse(planes).fused, mask))
+            oracle = StackAlignment(AlignOptions(mode="similarity", resampling=kernel), truth.shape[:2], len(moved) // 2,
+                                    [PlaneAlignment(transform=t, status="ok") for t in transforms])
+            planes = [oracle.apply(p, i) for i, p in enumerate(moved)]
+            kernels.setdefault(f"moved, true transforms, {kernel} resampling", []).append(
+                psnr(truth, fuser.fuse(planes).fused, mask))
+    scores.update(kernels)
+    base = np.mean(scores["registered (baseline)"])
+    lines = [[name, f"{np.mean(v):.2f}", f"{np.mean(v) - base:+.2f}", f"{np.min(np.array(v) - np.array(scores['registered (baseline)'])):+.2f}"]
+             for name, v in scores.items()]
+    return lines, {k: float(np.mean(v)) for k, v in scores.items()}
+
+
+# ---------------------------------------------------------------------------- 3-4. real stacks
+
+
+def _quality(sources, fused, q_y: bool) -> dict:
+    out = {"q_g": metrics.q_g(sources, fused), "q_mi": metrics.q_mi(sources, fused)}
+    if q_y:
+        out["q_y"] = metrics.q_y(sources, fused)
+    return out
+
+
+def cost_rounds(fuser, images, how, rounds: int = 3) -> dict:
+    """Align (estimate + apply, default options) and guided fusion timed in alternation, ``rounds``
+    times: on a shared, loaded machine the ratio within a round is what means something."""
+    ratios, cpu_ratios, rows = [], [], []
+
+    def now():
+        return np.array([time.perf_counter(), time.process_time()])  # wall; CPU of all threads
+
+    for _ in range(rounds):
+        t0 = now()
+        estimated = estimate_alignment(images, AlignOptions(mode="similarity"))
+        t1 = now()
+        aligned = [estimated.apply(img, i) for i, img in enumerate(images)]
+        t2 = now()
+        fuser.fuse(aligned)
+        t3 = now()
+        ratios.append((t2[0] - t0[0]) / (t3[0] - t2[0]))
+        cpu_ratios.append((t2[1] - t0[1]) / (t3[1] - t2[1]))
+        rows.append((t1 - t0, t2 - t1, t3 - t2))
+    kernels = {}
+    for kernel in align.RESAMPLING:  # apply time of each resampling kernel, against bicubic's
+        how.options = AlignOptions(mode="similarity", resampling=kernel)
+        t0 = time.perf_counter()
+        for i, img in enumerate(images):
+            how.apply(img, i)
+        kernels[kernel] = time.perf_counter() - t0
+    how.options = AlignOptions(mode="similarity")
+    return {"rounds": rows, "ratios": ratios, "cpu_ratios": cpu_ratios, "kernels": kernels, "summary": how.summary()}
+
+
+def real_tables(fuser, lytro_pairs: int):
+    quality_lines, cost = [], {}
+    sets = []
+    v4 = DATA / "stack_v4"
+    if v4.is_dir():
+        sets.append(("stack_v4 (65 planes)", [sorted(str(p) for p in v4.glob("*.jpg"))], False))
+    lytro = DATA / "lytro"
+    if lytro.is_dir():
+        pairs = [[str(lytro / f"lytro_{k:02d}_A.png"), str(lytro / f"lytro_{k:02d}_B.png")]
+                 for k in range(1, lytro_pairs + 1)]
+        sets.append((f"Lytro pairs ({len(pairs)})", pairs, True))
+    triples = DATA / "lytro_triple"
+    if triples.is_dir():
+        tri = [[str(triples / f"lytro-0{k}-{c}.jpg") for c in "ABC"] for k in range(1, 5)]
+        sets.append(("Lytro triples (4)", tri, True))
+    for name, stacks, q_y in sets:
+        acc = {"none": [], "similarity": []}
+        identical = True
+        still = moved_planes = 0  # non-reference planes within align.STILL_PX of the identity (not resampled)
+        for uris in stacks:
+            images = io.read_stack(uris)
+            plain = fuser.fuse(images).fused
+            aligned_none, _ = align_stack(list(images), AlignOptions())
+            identical &= bool(np.array_equal(plain, fuser.fuse(aligned_none).fused))
+            aligned, how = align_stack(list(images), AlignOptions(mode="similarity"))
+            fused = fuser.fuse(aligned).fused
+            motion = [align.corner_motion(t, images[0].shape[:2]) for i, t in enumerate(how.transforms) if i != how.reference]
+            still += sum(m < align.STILL_PX for m in motion)
+            moved_planes += len(motion)
+            acc["none"].append(_quality(images, plain, q_y))
+            acc["similarity"].append(_quality(aligned, fused, q_y))
+            if name.startswith("stack_v4"):
+                cost = cost_rounds(fuser, images, how)
+        for mode, rows in acc.items():
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+            quality_lines.append([name, mode, f"{mean['q_g']:.4f}", f"{mean['q_y']:.4f}" if "q_y" in mean else "-",
+                                  f"{mean['q_mi']:.4f}", ("yes" if identical else "NO") if mode == "none" else "",
+                                  f"{still}/{moved_planes}" if mode == "similarity" else ""])
+    return quality_lines, cost
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=12, help="BSDS500 val images (sorted by name)")
+    p.add_argument("--planes", type=int, default=4, help="planes per synthetic stack")
+    p.add_argument("--max-radius", type=float, default=8.0, help="disk PSF radius for the whole depth range")
+    p.add_argument("--lytro-pairs", type=int, default=20)
+    p.add_argument("--skip-estimators", action="store_true")
+    p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--real-only", action="store_true", help="only tables 3 and 4 (real stacks, cost)")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    folder = DATA / "bsds500" / "val"
+    if not folder.is_dir():
+        print(f"bench/alignment.py: {folder} not found (needs ../shared/data)", file=sys.stderr)
+        return 2
+    fuser = get_fuser("guided")
+    if args.real_only:
+        args.skip_estimators = True
+        args.images = 0
+    cases = list(synthetic_cases(folder, args.images, args.planes, args.max_radius))
+    print(f"synthetic: {len(cases)} BSDS500 val images x {args.planes} planes, disk PSF r<={args.max_radius}px, "
+          "moved by shifts <= 3% of the width and scales 1 +- 2% (reference: the middle plane)\n")
+    if not args.skip_estimators:
+        print("1. registration error against the known transforms (corner displacement, px)")
+        print(format_table(["estimator", "median", "p90", "max", ">1 px", "ms/plane"], estimator_table(cases),
+                           args.markdown) + "\n")
+    if cases:
+        lines, means = fusion_table(cases, fuser)
+        print("2. guided fusion vs truth, PSNR dB on the common valid region")
+        print(format_table(["stack", "PSNR", "vs registered", "worst stack vs registered"], lines, args.markdown))
+        aligned, base = means["moved, --align similarity"], means["registered (baseline)"]
+        unaligned = means["moved, fused unaligned"]
+        print(f"similarity: {aligned - base:+.2f} dB vs registered (need >= -0.5), "
+              f"{aligned - unaligned:+.2f} dB vs unaligned (need >= +3)\n")
+    if not args.skip_real:
+        qlines, cost = real_tables(fuser, args.lytro_pairs)
+        print("3. real stacks, guided: quality against the sources in the fused frame")
+        print(format_table(["set", "align", "Q_G", "Q_Y", "Q_MI", "none bit-identical",
+                                     "planes not resampled"], qlines, args.markdown))
+        if cost:
+            print("\n4. stack_v4 cost: align (estimate + apply, bicubic) against guided fusion, alternating rounds")
+            lines = [[str(k + 1), f"{e[0]:.2f} / {e[1]:.2f}", f"{a[0]:.2f} / {a[1]:.2f}", f"{g[0]:.2f} / {g[1]:.2f}",
+                      f"{r:.3f}", f"{c:.3f}"]
+                     for k, ((e, a, g), r, c) in enumerate(zip(cost["rounds"], cost["ratios"], cost["cpu_ratios"]))]
+            print(format_table(["round", "estimate s wall / cpu", "apply s wall / cpu", "guided s wall / cpu",
+                                "align / guided, wall", "cpu"], lines, args.markdown))
+            print(f"median align / guided = {float(np.median(cost['ratios'])):.3f} wall, "
+                  f"{float(np.median(cost['cpu_ratios'])):.3f} CPU (need <= 0.30); apply time "
+                  "against bicubic: " + ", ".join(f"{k} {t / cost['kernels']['cubic']:.2f}x"
+                                                  for k, t in cost["kernels"].items()))
+            print(f"   {cost['summary']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
