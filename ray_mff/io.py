@@ -538,7 +538,7 @@ def write_fused(uri: str, data: np.ndarray, axes: str, *, metadata=None, family:
     uri = os.fspath(uri)
     low = uri.lower().rstrip("/")
     if low.endswith(".zarr"):
-        from ray_mff.omezarr import write_ome_zarr
+        from ray_mff.omezarr import write_ome_zarr  # noqa: PLC0415 - zarr only when asked for
 
         return write_ome_zarr(uri, data, axes, metadata)
     if axes in ("YX", "YXS") and not low.endswith((".ome.tif", ".ome.tiff")) and family not in ("imagej", "ome-tiff"):

@@ -124,12 +124,13 @@ def write_ome_zarr(uri: str, data: np.ndarray, axes: str, meta: PhysicalMetadata
     ngff_axes = []
     for a in names:
         entry = {"name": a, "type": _AXIS_TYPES[a]}
-        if a in "yx" and unit and meta.pixel_size:
+        if (a in "yx" and meta.pixel_size or a == "z" and meta.z_spacing) and unit:
             entry["unit"] = unit
         ngff_axes.append(entry)
     datasets = []
     for i in range(len(levels)):
-        scale = [ps[0] * 2 ** i if a == "y" else ps[1] * 2 ** i if a == "x" else 1.0 for a in names]
+        scale = [ps[0] * 2 ** i if a == "y" else ps[1] * 2 ** i if a == "x"
+                 else float(meta.z_spacing or 1.0) if a == "z" else 1.0 for a in names]
         datasets.append({"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
     attrs = {"multiscales": [{"version": "0.4", "name": storage.basename(uri), "axes": ngff_axes,
                               "datasets": datasets}]}

@@ -141,7 +141,7 @@ def open_source(uris: Sequence[str], *, z_axis: str | None = "auto", max_pixels:
     if len(uris) == 1:
         uri = uris[0]
         low = uri.lower().rstrip("/")
-        if low.endswith(".zarr"):
+        if any(part.endswith(".zarr") for part in low.split("/")):  # an image, or one inside a plate
             from ray_mff.omezarr import open_ome_zarr
 
             return open_ome_zarr(uri, z_axis=z_axis, max_pixels=max_pixels)
