@@ -224,3 +224,37 @@ def test_lazy_planes_stream_through_guided_and_tiles(stacks):
                        untiled_max_side=64).fuse(planes)
     assert tiled.fused.shape == (SIZE, SIZE) and planes.reads
     assert max(h * w for _, h, w in planes.reads[1:]) < SIZE * SIZE
+
+
+def test_calibrator_as_weight_source_matches_full_weights(stacks):
+    from ray_mff.fusion.calibration import DecisionCalibrator
+    from ray_mff.fusion.decision import fuse_with_weights
+
+    z = stacks[0][0]
+    rng = np.random.default_rng(0)
+    cal = DecisionCalibrator(N, 1, (SIZE, SIZE))
+    cal.add_reference(rng.random((SIZE, SIZE), dtype=np.float32))
+    for k in (0, 2, 3):
+        cal.add(k, rng.random((SIZE, SIZE), dtype=np.float32), rng.random((SIZE, SIZE), dtype=np.float32))
+    full = cal.weights()
+    for k in range(N):
+        wk = cal.weight(k)
+        assert np.array_equal(full[..., k], np.zeros_like(full[..., k]) if wk is None else wk)
+    assert np.array_equal(fuse_with_weights(ArrayPlanes(z, "ZYX"), cal), fuse_with_weights(list(z), full))
+
+
+def test_default_model_accepts_lazy_planes(stacks, monkeypatch):
+    """The learned default fuses a lazy sequence as it fuses arrays; above the weights budget it
+    streams its weights from the calibrator (same fused image, index map instead of weights)."""
+    from ray_mff.fusion import decision
+    from ray_mff.methods import get_fuser
+
+    z = stacks[0][0]
+    fuser = get_fuser("cascade", engine="onnx")
+    whole = fuser.fuse(list(z))
+    lazy = fuser.fuse(ArrayPlanes(z, "ZYX"))
+    assert np.array_equal(lazy.fused, whole.fused) and lazy.weights.shape == (SIZE, SIZE, N)
+    monkeypatch.setattr(decision, "FULL_WEIGHTS_MAX_BYTES", 0)
+    streamed = fuser.fuse(ArrayPlanes(z, "ZYX"))
+    assert streamed.weights is None and np.array_equal(streamed.fused, whole.fused)
+    assert np.array_equal(streamed.index_map, whole.index_map)
