@@ -167,10 +167,14 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
                            warning=row["warning"] or "one-image stack passed through unfused")
             else:
                 # one fused plane per (T, C) group; planes stream from storage (ray_mff.planes)
-                results = [fuser.fuse(planes) for _, planes in src.groups]
-                result, images = results[0], src.groups[0][1]
-                io.write_fused(out_uri, src.assemble([r.fused for r in results]), src.axes,
-                               metadata=src.meta, family=src.family)
+                result, fused, index_maps = None, [], []
+                for _, planes in src.groups:  # keep each group's fused plane and index map, not its weights
+                    r = fuser.fuse(planes)
+                    result = result or r
+                    fused.append(r.fused)
+                    index_maps.append(r.index_map if opts.depth_map else None)
+                images = src.groups[0][1]
+                io.write_fused(out_uri, src.assemble(fused), src.axes, metadata=src.meta, family=src.family)
                 row.update(status=manifest.STATUS_OK, output_uri=out_uri,
                            engine=result.stats.get("engine"), precision=result.stats.get("precision"),
                            calibration=result.stats.get("calibration"))
@@ -180,11 +184,10 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
                         dm_uri = storage.join_uri(output_root, DECISION_MAP_DIR, f"{stack.id}.png")
                         io.write_image(dm_uri, dmap)
                         row["decision_map_uri"] = dm_uri
-                if opts.depth_map and all(r.index_map is not None for r in results):
+                if opts.depth_map and all(m is not None for m in index_maps):
                     from ray_mff.depth_map import write_depth_maps
 
-                    row["depth_map_uri"] = write_depth_maps(output_root, stack.id, src,
-                                                            [r.index_map for r in results])["depth"]
+                    row["depth_map_uri"] = write_depth_maps(output_root, stack.id, src, index_maps)["depth"]
                 if src.nbytes <= zstack.EAGER_STACK_BYTES:  # scores hold every source: not for deep stacks
                     row.update(_score(list(images), result.fused, opts))
     except MFFError as err:

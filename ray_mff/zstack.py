@@ -89,7 +89,7 @@ class StackSource:
     def row_facts(self) -> dict:
         """Manifest columns known before fusing: size, channels, dtype, planes, physical metadata."""
         h, w = self.plane_shape[:2]
-        channels = int(np.prod([self.shape[i] for i, a in enumerate(self.axes) if a not in "YX"] or [1]))
+        channels = int(np.prod([self.shape[i] for i, a in enumerate(self.axes) if a in "CS"] or [1]))
         return {"height": h, "width": w, "channels": channels, "dtype": str(np.dtype(self.dtype)),
                 "n_images": self.n_planes, **self.meta.manifest_fields()}
 
