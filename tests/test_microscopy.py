@@ -134,10 +134,13 @@ def test_geotiff_tags_survive_fusion(stacks, tmp_path: Path):
            (34736, 12, 1, (0.0,)), (34737, 2, 0, "WGS 84 / UTM zone 33N|"), (42113, 2, 0, "0")]
     (tmp_path / "in" / "scene").mkdir(parents=True)
     for k, plane in enumerate(z[:2]):
-        tifffile.imwrite(tmp_path / "in" / "scene" / f"band_{k}.tif", plane, extratags=[(*g, True) for g in geo])
+        tifffile.imwrite(tmp_path / "in" / "scene" / f"band_{k}.tif", plane, extratags=[(*g, True) for g in geo],
+                         resolution=(10.0, 10.0), resolutionunit="CENTIMETER")
     rows = _fuse(tmp_path / "in", tmp_path / "out")
+    assert rows.loc["scene", "pixel_size_x"] == pytest.approx(0.1) and rows.loc["scene", "pixel_unit"] == "cm"
     with tifffile.TiffFile(rows.loc["scene", "output_uri"]) as tif:
         tags = tif.pages.first.tags
+        assert tags["XResolution"].value == (10, 1) and tags["ResolutionUnit"].value == 3  # 10 px/cm kept
         for code, _, _, value in geo:
             got = tags[code].value
             assert (got == value) if isinstance(value, str) else np.allclose(got, value), code
