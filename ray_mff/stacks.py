@@ -285,13 +285,15 @@ def _single_file_stacks(entries, stack_per_file: bool) -> tuple[list[Stack], set
     - an OME-Zarr image is a group whose level-0 array is ``0`` (``<img>/0/.zarray`` or
       ``<img>/0/zarr.json``) inside a ``*.zarr`` folder, ``labels`` excepted: a single image, each
       image of a plate (``plate.zarr/A/1/0``) or of a folder of images;
-    - ``.ome.tif(f)`` and vendor files (``.czi``, ``.nd2``, ``.lif``) always, and with
-      ``stack_per_file`` every image file: a single-file z-stack (:mod:`ray_mff.zstack`).
+    - ``.ome.tif(f)`` and vendor files (``.czi``, ``.nd2``, ``.lif``), unless the name says it is one
+      plane (``x_z003.ome.tif``: a z-plane pattern), and with ``stack_per_file`` every image file:
+      a single-file z-stack (:mod:`ray_mff.zstack`).
     """
     from ray_mff.zstack import is_single_file_stack_name
 
     images: dict[str, str] = {}
     claimed: set[str] = set()
+    plane_namer = _Namer(None)
     out: list[Stack] = []
     for entry in entries:
         parts = entry.relpath.split("/")
@@ -304,6 +306,10 @@ def _single_file_stacks(entries, stack_per_file: bool) -> tuple[list[Stack], set
                 images[prefix] = entry.uri[: len(entry.uri) - len("/".join(parts[-2:])) - 1]
             continue
         name = parts[-1]
+        parsed = plane_namer.parse(re.sub(r"\.ome(?=\.tiff?$)", "", name, flags=re.I)) \
+            if name.lower().endswith((".ome.tif", ".ome.tiff")) else None
+        if parsed is not None and parsed[2] in ("micromanager", "z-plane+tags", "z-plane") and not stack_per_file:
+            continue  # one plane per file (x_z003.ome.tif): the pattern layout groups them
         if is_single_file_stack_name(name) or (stack_per_file and is_image_name(name)):
             claimed.add(entry.relpath)
             stem = re.sub(r"(\.ome)?\.[^.]+$", "", entry.relpath, flags=re.I)

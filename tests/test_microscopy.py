@@ -261,3 +261,19 @@ def test_default_model_accepts_lazy_planes(stacks, monkeypatch):
     streamed = fuser.fuse(ArrayPlanes(z, "ZYX"))
     assert streamed.weights is None and np.array_equal(streamed.fused, whole.fused)
     assert np.array_equal(streamed.index_map, whole.index_map)
+
+
+def test_discovery_of_single_file_stacks(tmp_path: Path):
+    from ray_mff.stacks import discover_stacks
+
+    for rel in ("cells.ome.tif", "scan.czi", "planes/x_z001.ome.tif", "planes/x_z002.ome.tif",
+                "multi/a.tif", "multi/b.tif"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    write_ome_zarr(str(tmp_path / "plate.zarr" / "B" / "3" / "0"), np.zeros((2, 8, 8), np.uint8), "ZYX")
+    write_ome_zarr(str(tmp_path / "img.ome.zarr"), np.zeros((2, 8, 8), np.uint8), "ZYX")
+    found = {s.id: len(s.uris) for s in discover_stacks(tmp_path)}
+    # one plane per .ome.tif (a z-plane name) still groups by pattern; a folder of files is one stack
+    assert found == {"cells": 1, "scan": 1, "planes": 2, "multi": 2, "plate__B__3__0": 1, "img": 1}
+    per_file = {s.id for s in discover_stacks(tmp_path / "multi", stack_per_file=True)}
+    assert per_file == {"a", "b"}
