@@ -162,9 +162,14 @@ def _open_files(uris: tuple[str, ...], max_pixels, eager_bytes: int) -> StackSou
     def reader(u):
         return io.read_image(u, max_pixels=max_pixels)
 
-    first = reader(uris[0])
+    try:
+        data = storage.read_bytes(uris[0])
+    except Exception as e:  # noqa: BLE001
+        raise io._io_error(uris[0], e) from None
+    first = io.decode_image(data, uris[0], max_pixels=max_pixels)
     family = "files"  # output format as before: PNG for 8-bit grey/RGB(A), TIFF otherwise
-    meta = _tiff_meta(uris[0]) if io._ext(uris[0]) in (".tif", ".tiff") else PhysicalMetadata()
+    meta = _tiff_meta(data) if io.sniff_format(data[:8]) == "tiff" else PhysicalMetadata()
+    del data
     planes: Sequence[np.ndarray]
     if first.nbytes * len(uris) <= eager_bytes:
         images = [first]
@@ -180,12 +185,13 @@ def _open_files(uris: tuple[str, ...], max_pixels, eager_bytes: int) -> StackSou
                        in_memory=in_memory)
 
 
-def _tiff_meta(uri: str) -> PhysicalMetadata:
+def _tiff_meta(data: bytes) -> PhysicalMetadata:
+    import io as _io
+
     import tifffile
 
     try:
-        fs, path = storage.resolve(uri)
-        with fs.open(path, "rb") as fh, tifffile.TiffFile(fh) as tif:
+        with tifffile.TiffFile(_io.BytesIO(data)) as tif:
             return from_tiff(tif)
     except Exception:  # noqa: BLE001 - metadata is a courtesy; the pixels were read fine
         return PhysicalMetadata()
