@@ -102,7 +102,9 @@ def fuse_guided(
     area_ratio, radius, eps, refine: consistency verification knobs (``verify_index_map``),
                    defaults as in Liu et al. 2017 (0.01, 8, 0.1, guided refinement on).
 
-    Returns FusionResult(fused same shape/dtype, weights (H, W, N) float32, method "guided").
+    Returns FusionResult(fused same shape/dtype, weights (H, W, N) float32, method "guided"); a
+    stack whose weights exceed ``FULL_WEIGHTS_MAX_BYTES`` (64 MiB: e.g. 10 planes of 2048 x 2048)
+    carries ``weights=None`` and its ``index_map`` instead, so memory does not grow with N.
 
     Example:
         >>> from ray_mff.synthetic import render_focus_stack
