@@ -25,9 +25,24 @@ def fuse_stack(images: Sequence[np.ndarray | str], method: str | None = None, **
 
     ``method`` is any name from ``ray-mff methods`` (default: the shipped model); ``options`` go to
     :func:`ray_mff.methods.get_fuser` (``engine``, ``precision``, ``calibration``, method knobs).
+    ``images`` may also be one path of a single-file z-stack (``"cells.ome.tif"``, ``"x.ome.zarr"``;
+    one T/C combination) or a lazy :class:`ray_mff.planes.PlaneSequence`: planes are then read as
+    fusion needs them (:mod:`ray_mff.zstack`).
     """
     from ray_mff import io
     from ray_mff.methods import get_fuser
+    from ray_mff.planes import is_lazy
+
+    if isinstance(images, str):
+        from ray_mff.zstack import open_source
+
+        with open_source([images]) as src:
+            if len(src.groups) != 1 or src.n_planes < 2:
+                raise ValueError(f"{images}: {len(src.groups)} T/C planes series of {src.n_planes} planes; "
+                                 "fuse_stack takes one series of >= 2 (ray-mff fuse handles T and C)")
+            return get_fuser(method, **options).fuse(src.groups[0][1])
+    if is_lazy(images):
+        return get_fuser(method, **options).fuse(images)
 
     arrays = [io.read_image(x) if isinstance(x, str) else np.asarray(x) for x in images]
     io.check_stack(arrays, [x if isinstance(x, str) else f"image[{i}]" for i, x in enumerate(images)])

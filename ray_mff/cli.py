@@ -72,9 +72,20 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, default=None,
                    help="fuse images with a side over twice this in tiles of this many pixels "
                         "(default: 1024 for learned models; 0 = never tile)")
-    p.add_argument("--format", dest="output_format", default=None, choices=["png", "tif", "jpg"],
-                   help="output format (default: PNG for 8-bit, TIFF for 16-bit/float/multichannel)")
+    p.add_argument("--format", dest="output_format", default=None,
+                   choices=["png", "tif", "jpg", "ome-tiff", "ome-zarr"],
+                   help="output format (default: a single-file stack keeps its family: OME-TIFF, ImageJ or plain "
+                        "TIFF, OME-Zarr; a folder stack gives PNG for 8-bit, TIFF for 16-bit/float/multichannel)")
     p.add_argument("--force", action="store_true", help="fuse again stacks that already have an output")
+    p.add_argument("--z-axis", default="auto",
+                   help="single-file stacks: the focus axis (a letter of the file's axes: Z, Q, T...), 'auto' "
+                        "(Z if labelled; unlabelled pages as Z, with a warning) or 'none' (the file is one image)")
+    p.add_argument("--stack-per-file", action="store_true",
+                   help="every image file is a stack of its own (multi-page TIFF z-stacks); .ome.tif, .zarr, "
+                        ".czi/.nd2/.lif always are")
+    p.add_argument("--depth-map", action="store_true",
+                   help="also write <stack>_depth.tif (plane index), <stack>_height.tif (z spacing known) "
+                        "and a <stack>_depth.png preview")
     p.add_argument("--save-decision-maps", action="store_true",
                    help="also write OUTPUT/decision_maps/<stack>.png (D for pairs, source index for stacks)")
     p.add_argument("--no-metrics", action="store_true", help="skip Q_G/Q_Y/Q_MI in the manifest")
@@ -135,7 +146,8 @@ def run_options_from_args(args):
     from ray_mff.runner import RunOptions
 
     opts = RunOptions(output_format=args.output_format, save_decision_maps=args.save_decision_maps,
-                      compute_metrics=not args.no_metrics, force=args.force, align=align_options_from_args(args))
+                       compute_metrics=not args.no_metrics, force=args.force, z_axis=args.z_axis,
+                       depth_map=args.depth_map, align=align_options_from_args(args))
     if args.max_pixels:
         opts.max_pixels = args.max_pixels
     return opts
@@ -170,7 +182,8 @@ def run_fuse(args):
 
     if args.s3_endpoint:
         storage.set_s3_endpoint(args.s3_endpoint)
-    stacks = _outside(discover_stacks(args.input, pattern=args.pattern), args.output)
+    stacks = _outside(discover_stacks(args.input, pattern=args.pattern, stack_per_file=args.stack_per_file),
+                      args.output)
     if not stacks:
         return None
     spec = fuser_spec_from_args(args)

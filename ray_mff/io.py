@@ -181,7 +181,8 @@ def _tiff_layout(series, uri: str) -> tuple[int, int, int, tuple[int, ...] | Non
     if len(axes) == 3 and axes[1:] == "YX":
         if axes[0] in "ZT":
             raise ImageReadError(
-                uri, f"TIFF holds a {axes[0]} series (axes {axes}, shape {shape}): store one file per plane"
+                uri, f"TIFF holds a {axes[0]} series (axes {axes}, shape {shape}): a single-file stack must be "
+                     "a stack of its own (one file per folder, an .ome.tif name, or --stack-per-file)"
             )
         return shape[1], shape[2], shape[0], (1, 2, 0)
     raise ImageReadError(uri, f"unsupported TIFF layout: axes {axes}, shape {shape} (expected YX, YXS or CYX)")
@@ -437,8 +438,12 @@ def default_extension(img: np.ndarray) -> str:
     return ".png" if img.dtype == np.uint8 and _channels(img) in (1, 3, 4) else ".tif"
 
 
-def encode_image(img: np.ndarray, fmt: str, *, jpeg_quality: int = 95) -> bytes:
-    """(H, W) or (H, W, C) array -> PNG/JPEG/TIFF bytes. Raises ValueError if the format cannot hold it."""
+def encode_image(img: np.ndarray, fmt: str, *, jpeg_quality: int = 95, metadata=None) -> bytes:
+    """(H, W) or (H, W, C) array -> PNG/JPEG/TIFF bytes. Raises ValueError if the format cannot hold it.
+
+    ``metadata``: a :class:`ray_mff.metadata.PhysicalMetadata` written into a TIFF (resolution and
+    unit, GeoTIFF tags); PNG and JPEG carry none.
+    """
     fmt = _FMT_ALIASES.get(str(fmt).lower().lstrip("."))
     if fmt is None:
         raise ValueError("format must be png, jpeg or tiff")
@@ -465,19 +470,14 @@ def encode_image(img: np.ndarray, fmt: str, *, jpeg_quality: int = 95) -> bytes:
         if not ok:
             raise ValueError(f"OpenCV could not encode {_describe(img)} as {fmt}")
         return buf.tobytes()
-    out = _io.BytesIO()
-    options: dict = {"compression": "zlib"}
+    from ray_mff.metadata import encode_tiff
+
     if c == 1:
-        tifffile.imwrite(out, img, photometric="minisblack", **options)
-    elif c == 3:
-        tifffile.imwrite(out, img, photometric="rgb", **options)
-    elif c == 4:
-        tifffile.imwrite(out, img, photometric="rgb", extrasamples=["unassalpha"], **options)
-    else:
-        # Microscopy convention: C x H x W, one plane per channel (planar), labelled CYX.
-        chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-        tifffile.imwrite(out, chw, photometric="minisblack", planarconfig="separate", metadata={"axes": "CYX"}, **options)
-    return out.getvalue()
+        return encode_tiff(img, "YX", metadata, "tiff")
+    if c in (3, 4):
+        return encode_tiff(img, "YXS", metadata, "tiff")
+    # Microscopy convention: C x H x W, one plane per channel (planar), labelled CYX.
+    return encode_tiff(np.ascontiguousarray(img.transpose(2, 0, 1)), "CYX", metadata, "tiff")
 
 
 def write_image(
@@ -488,6 +488,7 @@ def write_image(
     jpeg_quality: int = 95,
     s3_endpoint: str | None = None,
     fs=None,
+    metadata=None,
 ) -> str:
     """Encode and write atomically (see :func:`storage.write_bytes_atomic`); returns ``uri``.
 
@@ -513,11 +514,44 @@ def write_image(
     else:
         chosen = _FORMAT_BY_EXT[default_extension(np.asarray(img))]
     try:
-        data = encode_image(img, chosen, jpeg_quality=jpeg_quality)
+        data = encode_image(img, chosen, jpeg_quality=jpeg_quality, metadata=metadata)
     except ValueError as e:
         raise ImageWriteError(uri, str(e)) from None
     try:
         storage.write_bytes_atomic(uri, data, s3_endpoint=s3_endpoint, fs=fs)
+    except Exception as e:
+        raise ImageWriteError(uri, f"cannot write: {type(e).__name__}: {e}") from None
+    return uri
+
+
+def write_fused(uri: str, data: np.ndarray, axes: str, *, metadata=None, family: str = "files") -> str:
+    """Write a fused stack with its axes and physical metadata, in the format its name says.
+
+    ``.ome.zarr``: OME-NGFF multiscale image (:func:`ray_mff.omezarr.write_ome_zarr`);
+    ``.ome.tif``: OME-TIFF; ``.tif`` from an ImageJ input: ImageJ hyperstack; other ``.tif``:
+    plain TIFF (resolution, GeoTIFF tags); PNG/JPEG: :func:`write_image` (grey or RGB(A) only).
+    ``axes``: e.g. ``YX``, ``YXS`` (samples/channels last, as :func:`read_image` returns),
+    ``CYX``, ``TCYX``. Atomic like :func:`write_image`; raises :class:`ImageWriteError`.
+    """
+    from ray_mff.metadata import encode_tiff
+
+    uri = os.fspath(uri)
+    low = uri.lower().rstrip("/")
+    if low.endswith(".zarr"):
+        from ray_mff.omezarr import write_ome_zarr  # noqa: PLC0415 - zarr only when asked for
+
+        return write_ome_zarr(uri, data, axes, metadata)
+    if axes in ("YX", "YXS") and not low.endswith((".ome.tif", ".ome.tiff")) and family not in ("imagej", "ome-tiff"):
+        return write_image(uri, data, metadata=metadata)
+    if _ext(uri) not in (".tif", ".tiff"):
+        raise ImageWriteError(uri, f"a fused stack with axes {axes} needs TIFF or OME-Zarr output, not {_ext(uri)}")
+    kind = "ome-tiff" if low.endswith((".ome.tif", ".ome.tiff")) else "imagej" if family == "imagej" else "tiff"
+    try:
+        payload = encode_tiff(np.ascontiguousarray(data), axes, metadata, kind)
+    except Exception as e:  # noqa: BLE001 - tifffile raises ValueError/TypeError on what a format cannot hold
+        raise ImageWriteError(uri, f"cannot encode {axes} {data.shape} {data.dtype} as {kind}: {e}") from None
+    try:
+        storage.write_bytes_atomic(uri, payload)
     except Exception as e:
         raise ImageWriteError(uri, f"cannot write: {type(e).__name__}: {e}") from None
     return uri

@@ -61,6 +61,12 @@ SCHEMA = pa.schema(
         ("exposure_gain_min", pa.float64()),
         ("exposure_gain_max", pa.float64()),
         ("finished_at", pa.timestamp("us", tz="UTC")),
+        # physical metadata of the stack (ray_mff.metadata) and its depth map (ray_mff.depth_map)
+        ("pixel_size_x", pa.float64()),
+        ("pixel_size_y", pa.float64()),
+        ("pixel_size_z", pa.float64()),
+        ("pixel_unit", pa.string()),
+        ("depth_map_uri", pa.string()),
     ]
 )
 COLUMNS = SCHEMA.names
@@ -108,7 +114,11 @@ def read_manifest(output_root: str) -> pa.Table:
     tables = []
     for p in parts:
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f).cast(SCHEMA))
+            table = pq.read_table(f)
+        for name in SCHEMA.names:  # parts written before a column was added: nulls
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(len(table), SCHEMA.field(name).type))
+        tables.append(table.select(SCHEMA.names).cast(SCHEMA))
     return pa.concat_tables(tables)
 
 

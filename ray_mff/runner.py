@@ -16,8 +16,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ray_mff import io, manifest, storage
-from ray_mff.align import AlignOptions, align_stack
+from ray_mff import io, manifest, storage, zstack
+from ray_mff.align import AlignedPlanes, AlignOptions, align_stack
 from ray_mff.errors import EmptyStackError, MFFError
 from ray_mff.fusion.result import FusionResult
 from ray_mff.stacks import Stack
@@ -38,6 +38,8 @@ class RunOptions:
     q_y_max_sources: int = 8  # Q_Y compares every pair of sources: O(N^2*H*W); skipped above this
     max_pixels: int = io.DEFAULT_MAX_PIXELS
     force: bool = False
+    z_axis: str = "auto"  # single-file stacks: focus axis letter, "auto" or "none" (ray_mff.zstack)
+    depth_map: bool = False  # write <stack>_depth.tif / _height.tif / _depth.png (ray_mff.depth_map)
     align: AlignOptions = field(default_factory=AlignOptions)  # registration/photometry before fusion
 
 
@@ -153,31 +155,50 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
             raise EmptyStackError(where, stack.meta["error"])
         if not stack.uris:
             raise EmptyStackError(stack.id, "stack has no images")
-        images = io.read_stack(stack.uris, max_pixels=opts.max_pixels)
-        images, alignment = align_stack(images, opts.align)  # the align stage (a no-op by default)
-        alignment.update_row(row)
-        first = images[0]
-        row.update(height=first.shape[0], width=first.shape[1],
-                   channels=1 if first.ndim == 2 else first.shape[2], dtype=str(first.dtype))
-        out_uri = output_uri_for(output_root, stack.id, first, opts.output_format)
-        if len(images) == 1:
-            # Nothing to fuse: pass the image through so the archive stays complete, and say so.
-            io.write_image(out_uri, first)
-            row.update(status=manifest.STATUS_OK, output_uri=out_uri, engine="none",
-                       warning=row["warning"] or "one-image stack passed through unfused")
-        else:
-            result = fuser.fuse(images)
-            io.write_image(out_uri, result.fused)
-            row.update(status=manifest.STATUS_OK, output_uri=out_uri,
-                       engine=result.stats.get("engine"), precision=result.stats.get("precision"),
-                       calibration=result.stats.get("calibration"))
-            if opts.save_decision_maps:
-                dmap = _decision_map_image(result, len(images))
-                if dmap is not None:
-                    dm_uri = storage.join_uri(output_root, DECISION_MAP_DIR, f"{stack.id}.png")
-                    io.write_image(dm_uri, dmap)
-                    row["decision_map_uri"] = dm_uri
-            row.update(_score(images, result.fused, opts))
+        with zstack.open_source(stack.uris, z_axis=opts.z_axis, max_pixels=opts.max_pixels) as src:
+            row.update(src.row_facts())
+            if src.n_planes > 1 and len(stack.uris) == 1:
+                row["warning"] = None  # discovery saw one file; it holds a whole stack
+            row["warning"] = "; ".join(w for w in (row["warning"], src.note) if w) or None
+            out_uri = storage.join_uri(output_root, stack.id + src.output_extension(opts.output_format))
+            if src.n_planes == 1:
+                # Nothing to fuse: pass the image through so the archive stays complete, and say so.
+                io.write_fused(out_uri, src.assemble([planes[0] for _, planes in src.groups]), src.axes,
+                               metadata=src.meta, family=src.family)
+                row.update(status=manifest.STATUS_OK, output_uri=out_uri, engine="none",
+                           warning=row["warning"] or "one-image stack passed through unfused")
+            else:
+                # one fused plane per (T, C) group; planes stream from storage (ray_mff.planes)
+                result, fused, index_maps, images, alignment = None, [], [], None, None
+                for _, planes in src.groups:  # keep each group's fused plane and index map, not its weights
+                    # the align stage (a no-op by default): estimated once per stack, on the first
+                    # (T, C) group, and applied plane by plane to every group
+                    if alignment is None:
+                        planes, alignment = align_stack(planes, opts.align)
+                        alignment.update_row(row)
+                        images = planes
+                    elif opts.align.active:
+                        planes = AlignedPlanes(planes, alignment)
+                    r = fuser.fuse(planes)
+                    result = result or r
+                    fused.append(r.fused)
+                    index_maps.append(r.index_map if opts.depth_map else None)
+                io.write_fused(out_uri, src.assemble(fused), src.axes, metadata=src.meta, family=src.family)
+                row.update(status=manifest.STATUS_OK, output_uri=out_uri,
+                           engine=result.stats.get("engine"), precision=result.stats.get("precision"),
+                           calibration=result.stats.get("calibration"))
+                if opts.save_decision_maps:
+                    dmap = _decision_map_image(result, len(images))
+                    if dmap is not None:
+                        dm_uri = storage.join_uri(output_root, DECISION_MAP_DIR, f"{stack.id}.png")
+                        io.write_image(dm_uri, dmap)
+                        row["decision_map_uri"] = dm_uri
+                if opts.depth_map and all(m is not None for m in index_maps):
+                    from ray_mff.depth_map import write_depth_maps
+
+                    row["depth_map_uri"] = write_depth_maps(output_root, stack.id, src, index_maps)["depth"]
+                if src.nbytes <= zstack.EAGER_STACK_BYTES:  # scores hold every source: not for deep stacks
+                    row.update(_score(list(images), result.fused, opts))
     except MFFError as err:
         row.update(status=manifest.STATUS_ERROR, error=str(err))
     except Exception as err:  # an unexpected failure on one stack must not stop the archive run

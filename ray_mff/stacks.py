@@ -279,13 +279,59 @@ def _unique(stacks: list[Stack]) -> list[Stack]:
     return sorted(out, key=lambda s: (natural_key(s.id), s.id))
 
 
-def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None) -> list[Stack]:
+def _single_file_stacks(entries, stack_per_file: bool) -> tuple[list[Stack], set[str]]:
+    """Stacks that are one file or one zarr image each, and the relpaths they claim (names only).
+
+    - an OME-Zarr image is a group whose level-0 array is ``0`` (``<img>/0/.zarray`` or
+      ``<img>/0/zarr.json``) inside a ``*.zarr`` folder, ``labels`` excepted: a single image, each
+      image of a plate (``plate.zarr/A/1/0``) or of a folder of images;
+    - ``.ome.tif(f)`` and vendor files (``.czi``, ``.nd2``, ``.lif``), unless the name says it is one
+      plane (``x_z003.ome.tif``: a z-plane pattern), and with ``stack_per_file`` every image file:
+      a single-file z-stack (:mod:`ray_mff.zstack`).
+    """
+    from ray_mff.zstack import is_single_file_stack_name
+
+    images: dict[str, str] = {}
+    claimed: set[str] = set()
+    plane_namer = _Namer(None)
+    out: list[Stack] = []
+    for entry in entries:
+        parts = entry.relpath.split("/")
+        z = next((i for i, p in enumerate(parts) if p.lower().endswith(".zarr")), None)
+        if z is not None:
+            claimed.add(entry.relpath)
+            if len(parts) >= z + 3 and parts[-1] in (".zarray", "zarr.json") and parts[-2] == "0" \
+                    and "labels" not in parts[z + 1:]:
+                prefix = "/".join(parts[:-2])
+                images[prefix] = entry.uri[: len(entry.uri) - len("/".join(parts[-2:])) - 1]
+            continue
+        name = parts[-1]
+        parsed = plane_namer.parse(re.sub(r"\.ome(?=\.tiff?$)", "", name, flags=re.I)) \
+            if name.lower().endswith((".ome.tif", ".ome.tiff")) else None
+        if parsed is not None and parsed[2] in ("micromanager", "z-plane+tags", "z-plane") and not stack_per_file:
+            continue  # one plane per file (x_z003.ome.tif): the pattern layout groups them
+        if is_single_file_stack_name(name) or (stack_per_file and is_image_name(name)):
+            claimed.add(entry.relpath)
+            stem = re.sub(r"(\.ome)?\.[^.]+$", "", entry.relpath, flags=re.I)
+            out.append(Stack(safe_id(stem.replace("/", "__")), (entry.uri,),
+                             {"layout": "file", "folder": "/".join(parts[:-1]), "indices": ("0",),
+                              "sizes": (entry.size,)}))
+    for prefix, uri in images.items():
+        sid = safe_id(re.sub(r"(\.ome)?\.zarr(?=/|$)", "", prefix, flags=re.I).replace("/", "__"))
+        out.append(Stack(sid, (uri,), {"layout": "ome-zarr", "folder": prefix, "indices": ("0",), "sizes": (None,)}))
+    return out, claimed
+
+
+def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None,
+                    stack_per_file: bool = False) -> list[Stack]:
     """List the stacks under a local folder or ``s3://`` prefix (names only, no pixel reads).
 
     Args:
         root: local path, ``file://`` or any fsspec uri (``s3://bucket/prefix``).
         pattern: optional regex with named groups ``index`` and (optionally) ``stack``,
             replacing the built-in patterns (see module docstring).
+        stack_per_file: every image file is a stack of its own (single-file z-stacks); OME-Zarr
+            images, ``.ome.tif`` and vendor files always are (:func:`_single_file_stacks`).
         s3_endpoint: S3 endpoint override (else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``).
 
     Returns:
@@ -308,15 +354,27 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
         raise EmptyStackError(root, "is a file; discovery needs a folder or prefix")
 
     entries, all_dirs = storage.walk(root, s3_endpoint=s3_endpoint)
+    zarr_root = root.lower().rstrip("/").endswith(".zarr")  # the root is itself an OME-Zarr image or plate
+    visible = entries
+    if zarr_root:
+        base = storage.basename(root)
+        visible = [storage.FileEntry(e.uri, f"{base}/{e.relpath}", e.size) for e in entries]
+    visible = [e for e in visible if ".zarr/" in e.relpath.lower()
+               or not any(p.startswith(".") for p in e.relpath.split("/"))]
+    single, claimed = _single_file_stacks(visible, stack_per_file)
+    if zarr_root:
+        claimed = {c.split("/", 1)[1] for c in claimed}
     by_folder: dict[str, list[_File]] = {}
     for entry in entries:
         parts = entry.relpath.split("/")
-        if any(p.startswith(".") for p in parts):
+        if entry.relpath in claimed or any(p.startswith(".") for p in parts):
             continue
         by_folder.setdefault("/".join(parts[:-1]), []).append(_File(entry.uri, parts[-1], entry.size))
 
     # Leaf folders with no (visible) file in them are empty stack folders.
-    dirs = [d for d in all_dirs if not any(p.startswith(".") for p in d.split("/"))]
+    dirs = [d for d in all_dirs if not any(p.startswith(".") or p.lower().endswith(".zarr") for p in d.split("/"))]
+    if zarr_root:
+        dirs = []  # everything below is the zarr hierarchy
     parents = {d.rsplit("/", 1)[0] for d in dirs if "/" in d}
     for d in dirs:
         if d not in parents and d not in by_folder:
@@ -324,7 +382,9 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
     if not by_folder:
         by_folder[""] = []  # an empty root is one empty folder: an error row, not a crash
 
-    stacks: list[Stack] = []
+    stacks: list[Stack] = list(single)
+    if single and not by_folder.get(""):
+        by_folder.pop("", None)  # a root holding only single-file stacks is not an empty folder
     for folder in sorted(by_folder):
         files = sorted(by_folder[folder], key=lambda f: natural_key(f.name))
         stacks += _folder_stacks(folder, files, root, namer)

@@ -54,6 +54,7 @@ import numpy as np
 
 from ray_mff.fusion.decision import fuse_with_weights
 from ray_mff.fusion.result import FusionResult
+from ray_mff.planes import crop, plane_shape
 
 #: default tile side (pixels): ~1 MP crops keep the network's working set near 1 GB
 DEFAULT_TILE_SIZE = 1024
@@ -182,9 +183,9 @@ class TiledFuser:
 
     def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
         """N registered images (H, W) or (H, W, C) of one dtype -> FusionResult, tiled above the budget."""
-        first = np.asarray(images[0])
-        if not self.needs_tiling(first.shape):
+        if not self.needs_tiling(plane_shape(images)):
             return self.fuser.fuse(images)
+        first = np.asarray(images[0])
         # an engine that can keep memory between calls (ONNX Runtime's arena) must not while tiling
         engine = getattr(self.fuser, "engine", None)
         with getattr(engine, "without_arena", contextlib.nullcontext)():
@@ -210,7 +211,8 @@ class TiledFuser:
             band = None
             for j, cs in enumerate(cols):
                 (y0, y1), (x0, x1) = rs.crop, cs.crop
-                result = self.fuser.fuse([np.asarray(img)[y0:y1, x0:x1] for img in images])
+                # a lazy plane sequence reads only this window (chunks/tiles of OME-Zarr, tiled TIFF)
+                result = self.fuser.fuse(crop(images, y0, y1, x0, x1))
                 if by_weights is None:
                     by_weights = result.weights is not None
                     inner_stats = dict(result.stats)
@@ -243,17 +245,15 @@ class TiledFuser:
             b = min(band.shape[0], a + FUSE_CHUNK_ROWS)
             chunk = band[a:b]
             y0, y1 = r0 + a, r0 + b
-            if by_weights and chunk.shape[-1] == len(images) + 1:  # weights + luminance correction
-                from ray_mff.fusion.stack_fuser import fuse_with_correction
+            if by_weights:
+                sources = crop(images, y0, y1, 0, out.shape[1])
+                if chunk.shape[-1] == len(images) + 1:  # stack-native models: weights + luminance correction
+                    from ray_mff.fusion.stack_fuser import fuse_with_correction
 
-                chunk, correction = chunk[..., :-1], chunk[..., -1]
-                out[y0:y1] = fuse_with_correction([np.asarray(img)[y0:y1] for img in images], chunk, correction)
-                if full_weights is not None:
-                    full_weights[y0:y1] = chunk
+                    chunk, correction = chunk[..., :-1], chunk[..., -1]
+                    out[y0:y1] = fuse_with_correction(sources, chunk, correction)
                 else:
-                    index_map[y0:y1] = np.argmax(chunk, axis=-1)
-            elif by_weights:
-                out[y0:y1] = fuse_with_weights([np.asarray(img)[y0:y1] for img in images], chunk)
+                    out[y0:y1] = fuse_with_weights(sources, chunk)
                 if full_weights is not None:
                     full_weights[y0:y1] = chunk
                 else:

@@ -164,6 +164,21 @@ class DecisionCalibrator:
         z /= z.sum(axis=2, keepdims=True)
         return z
 
+    def weight(self, k: int) -> np.ndarray | None:
+        """(H, W) float32 weight of source k, equal to ``weights()[..., k]`` (argmax mode), or None
+        where it is 0 everywhere: a weight source for :func:`ray_mff.fusion.decision.fuse_with_weights`
+        that never builds the (H, W, N) array, so a deep stack fuses in one plane's memory."""
+        self._check()
+        if self.mode != "argmax":
+            return self.weights()[..., k]
+        if self.tie_margin > 0:
+            w_best = np.minimum(1.0, 0.5 + (self.best - self.second) / (2.0 * self.tie_margin)).astype(np.float32)
+        else:
+            w_best = np.ones(self.shape, np.float32)
+        # as weights(): the runner-up's share is written first, the best's over it
+        out = np.where(self.index == k, w_best, np.where(self.second_index == k, 1.0 - w_best, 0.0)).astype(np.float32)
+        return out if out.any() else None
+
     def _check(self) -> None:
         if len(self._seen) != self.n:
             missing = sorted(set(range(self.n)) - self._seen)

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 from skimage import measure
 
-from ray_mff.fusion.decision import normalize_weights, one_hot
+from ray_mff.fusion.decision import one_hot
 from ray_mff.fusion.guided_filter import make_guided_filter
 
 #: weight of a vote cast by a neighbour that itself lies in a small region: such neighbours only
@@ -142,28 +142,78 @@ def verify_index_map(
     )
     if not refine:
         return one_hot(idx, n)
-    # Guide: luminance of the initial (hard-decision) fused image, Liu et al. 2017 Sec. 3.4.
-    guide = np.zeros(idx.shape, dtype=np.float32)
-    for k, lum in enumerate(sources_lum):
-        sel = idx == k
-        guide[sel] = np.asarray(lum, dtype=np.float32)[sel]
+    refined = RefinedWeights(idx, n, decision_guide(idx, sources_lum), radius, eps)
     weights = np.zeros(idx.shape + (n,), dtype=np.float32)
-    present = [k for k in range(n) if np.any(idx == k)]
-    if len(present) == 1:
-        weights[..., present[0]] = 1.0
-        return weights
-    gf = make_guided_filter(guide, radius, eps)  # guide statistics shared by all channels
-    if len(present) == 2:
-        # The guided filter is linear and keeps constants, so GF(1 - D) = 1 - GF(D): one pass.
-        a, b = present
-        d = gf((idx == a).astype(np.float32))
-        np.clip(d, 0.0, 1.0, out=d)
-        weights[..., a] = d
-        weights[..., b] = 1.0 - d
-        return weights
-    for k in present:  # sources never chosen keep weight 0 (GF of a zero map is zero)
-        weights[..., k] = gf((idx == k).astype(np.float32))
-    return normalize_weights(weights, inplace=True)
+    for k in range(n):
+        wk = refined.weight(k)
+        if wk is not None:
+            weights[..., k] = wk
+    return weights
+
+
+def decision_guide(index_map: np.ndarray, sources_lum: Sequence[np.ndarray]) -> np.ndarray:
+    """Guide of the refinement: luminance of the initial (hard-decision) fused image, Liu et al.
+    2017 Sec. 3.4. Reads only the sources the map chooses, one at a time (``sources_lum`` may be lazy)."""
+    idx = np.asarray(index_map)
+    guide = np.zeros(idx.shape, dtype=np.float32)
+    for k in np.flatnonzero(np.bincount(idx.ravel().astype(np.intp), minlength=len(sources_lum))):
+        sel = idx == k
+        guide[sel] = np.asarray(sources_lum[int(k)], dtype=np.float32)[sel]
+    return guide
+
+
+class RefinedWeights:
+    """Guided-filter refinement of a hard index map, one source's weight map at a time.
+
+    ``weight(k)`` is slice k of the (H, W, N) weights ``verify_index_map`` returns: GF(index == k)
+    over the decision guide, clipped at 0 and normalised to sum 1 per pixel (pixels where all are
+    0 get 1/N); None for a source of weight 0 everywhere. Only the per-pixel total is kept (one
+    float32 map), so a 100-plane stack needs two maps, not 100: weights are recomputed on demand
+    (one guided filter each), which costs a second filter pass instead of N maps of memory.
+    The total is summed source by source in index order; ``normalize_weights``' ``sum(axis=2)``
+    adds the same terms in the same order for N < 8 (numpy's pairwise summation unrolls 8-wide
+    above that), so weights are bit-identical for small stacks and within float32 rounding above.
+    """
+
+    def __init__(self, index_map: np.ndarray, n: int, guide: np.ndarray, radius: int = 8, eps: float = 0.1):
+        self.idx, self.n = np.asarray(index_map), int(n)
+        counts = np.bincount(self.idx.ravel().astype(np.intp), minlength=self.n)
+        self.present = [int(k) for k in np.flatnonzero(counts)]
+        self.gf = make_guided_filter(guide, radius, eps) if len(self.present) > 1 else None
+        self.total = self.empty = self._pair = None
+        if len(self.present) == 2:
+            # The guided filter is linear and keeps constants, so GF(1 - D) = 1 - GF(D): one pass.
+            d = self.gf((self.idx == self.present[0]).astype(np.float32))
+            self._pair = np.clip(d, 0.0, 1.0, out=d)
+        elif len(self.present) > 2:
+            total = np.zeros(self.idx.shape, np.float32)
+            for k in self.present:
+                total += np.maximum(self._filtered(k), 0.0)
+            self.empty = total <= 1e-12
+            self.total = np.where(self.empty, np.float32(1.0), total)
+            if not self.empty.any():
+                self.empty = None
+
+    def _filtered(self, k: int) -> np.ndarray:
+        return self.gf((self.idx == k).astype(np.float32))
+
+    def weight(self, k: int) -> np.ndarray | None:
+        if len(self.present) == 1:
+            return np.ones(self.idx.shape, np.float32) if k == self.present[0] else None
+        if self._pair is not None:
+            if k == self.present[0]:
+                return self._pair
+            return 1.0 - self._pair if k == self.present[1] else None
+        if k in self.present:  # sources never chosen keep weight 0 (GF of a zero map is zero)
+            w = np.maximum(self._filtered(k), 0.0)
+            np.divide(w, self.total, out=w)
+        elif self.empty is None:
+            return None
+        else:
+            w = np.zeros(self.idx.shape, np.float32)
+        if self.empty is not None:
+            w[self.empty] = 1.0 / self.n
+        return w
 
 
 def verify_decision_map(

@@ -10,6 +10,16 @@ from typing import Sequence
 import numpy as np
 
 from ray_mff.fusion.luminance import dtype_max
+from ray_mff.planes import is_lazy, plane_shape
+
+
+#: results keep their full (H, W, N) float32 weights up to this size; deeper or larger stacks carry
+#: the (H, W) index map instead, so memory does not grow with the number of planes
+FULL_WEIGHTS_MAX_BYTES = 64 << 20
+
+
+def keep_full_weights(shape: tuple[int, ...], n: int) -> bool:
+    return shape[0] * shape[1] * n * 4 <= FULL_WEIGHTS_MAX_BYTES
 
 
 def normalize_weights(weights: np.ndarray, *, inplace: bool = False) -> np.ndarray:
@@ -46,34 +56,51 @@ def one_hot(index_map: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def fuse_with_weights(images: Sequence[np.ndarray], weights: np.ndarray) -> np.ndarray:
+def fuse_with_weights(images: Sequence[np.ndarray], weights) -> np.ndarray:
     """Blend N registered sources with (H, W, N) weights: F = sum_n W[..., n] * I_n.
 
-    images:  N arrays of one shape (H, W) or (H, W, C) and one dtype (uint8, uint16, float).
-    weights: (H, W, N) float, expected to sum to 1 per pixel (see ``normalize_weights``);
+    images:  N arrays of one shape (H, W) or (H, W, C) and one dtype (uint8, uint16, float), or a
+             lazy :class:`ray_mff.planes.PlaneSequence` (each plane is read once, in order).
+    weights: (H, W, N) float, expected to sum to 1 per pixel (see ``normalize_weights``), or a
+             *weight source*: an object whose ``weight(k)`` returns source k's (H, W) float32
+             weight, or None where it is 0 everywhere (that plane is then not read at all);
              the same weight is applied to every channel.
 
     Returns the fused image, same shape and dtype as the sources: integers are rounded and clipped
     to the dtype's range; floats are returned unclipped. The sum is accumulated in float32 one
-    source at a time, so peak memory is one float32 image, not N.
+    source at a time, so peak memory is one float32 image, not N. A source of weight 0 adds
+    exactly 0, so skipping it leaves the result bit-identical.
     """
-    if len(images) == 0:
+    n_images = len(images)
+    if n_images == 0:
         raise ValueError("fuse_with_weights needs at least one image")
-    first = np.asarray(images[0])
-    w = np.asarray(weights)
-    if w.ndim != 3 or w.shape[:2] != first.shape[:2] or w.shape[2] != len(images):
-        raise ValueError(f"weights {w.shape} do not match {len(images)} images of shape {first.shape}")
-    acc = np.zeros(first.shape, dtype=np.float32)
-    tmp = np.empty(first.shape, dtype=np.float32)
-    for n, img in enumerate(images):
-        img = np.asarray(img)
+    if isinstance(weights, np.ndarray) or not callable(getattr(weights, "weight", None)):
+        w = np.asarray(weights)
+        shape = plane_shape(images)
+        if w.ndim != 3 or w.shape[:2] != shape[:2] or w.shape[2] != n_images:
+            raise ValueError(f"weights {w.shape} do not match {n_images} images of shape {shape}")
+        weight_of = lambda k: w[..., k]  # noqa: E731
+    else:
+        weight_of = weights.weight
+    acc = tmp = first = None
+    for n in range(n_images):
+        wn = weight_of(n)
+        if wn is None:
+            continue
+        img = np.asarray(images[n])
+        if first is None:
+            first = img
+            acc = np.zeros(first.shape, dtype=np.float32)
+            tmp = np.empty(first.shape, dtype=np.float32)
         if img.shape != first.shape or img.dtype != first.dtype:
             raise ValueError(f"image {n} is {img.shape} {img.dtype}, expected {first.shape} {first.dtype}")
-        wn = w[..., n].astype(np.float32, copy=False)
+        wn = wn.astype(np.float32, copy=False)
         if first.ndim == 3:
             wn = wn[..., None]
         np.multiply(img, wn, out=tmp, casting="unsafe")
         acc += tmp
+    if first is None:
+        raise ValueError("every source has weight 0")
     dtype = first.dtype
     if dtype.kind in "ui":
         np.rint(acc, out=acc)
@@ -82,10 +109,30 @@ def fuse_with_weights(images: Sequence[np.ndarray], weights: np.ndarray) -> np.n
     return acc.astype(dtype, copy=False)
 
 
+def select_planes(images: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
+    """Hard decision: F(p) = I_index(p)(p), reading only the planes that ``index`` chooses, once each.
+
+    Equal to ``fuse_with_weights(images, one_hot(index, N))`` (a weight of exactly 1 or 0 changes
+    no value), without the (H, W, N) weights.
+    """
+    out = None
+    for k in np.flatnonzero(np.bincount(index.ravel(), minlength=len(images))):
+        img = np.asarray(images[int(k)])
+        if out is None:
+            out = np.empty_like(img)
+        sel = index == k
+        out[sel] = img[sel]
+    return out
+
+
 def check_stack(images: Sequence[np.ndarray]) -> None:
     """Raise ValueError unless ``images`` holds N >= 2 arrays of one shape and dtype."""
     if len(images) < 2:
         raise ValueError(f"fusion needs N >= 2 images, got {len(images)}")
+    if is_lazy(images):  # one array, or files checked as they are read: nothing to read here
+        if len(images.shape) not in (2, 3):
+            raise ValueError(f"planes must be (H, W) or (H, W, C), got {images.shape}")
+        return
     first = images[0]
     for n, img in enumerate(images):
         if img.shape != first.shape or img.dtype != first.dtype:

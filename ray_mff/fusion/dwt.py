@@ -7,6 +7,11 @@ a 3x3 window, their area-based activity measure), clean the choice map with a 3x
 should come from the same source as most of its neighbours), average the approximation band, and
 invert the transform.
 
+Both passes fold over the planes (pass 1: running best activity and its source index per
+coefficient; pass 2: running approximation sum and the chosen detail coefficients of every channel),
+so a lazy plane sequence (:mod:`ray_mff.planes`) is read twice and never held whole; the result
+is bit-identical to deciding on the whole stack at once.
+
 The choice is made once, on the luminance's detail coefficients, and applied to every channel.
 Choosing per channel could take R from one source and G from another at the same coefficient,
 which creates false colours at edges; one decision per position keeps the fused colour a mix of
@@ -25,6 +30,7 @@ import pywt
 from ray_mff.fusion.decision import check_stack
 from ray_mff.fusion.luminance import dtype_max, luminance
 from ray_mff.fusion.result import FusionResult
+from ray_mff.planes import plane_shape
 
 
 def majority_filter(index: np.ndarray, n: int, size: int = 3) -> np.ndarray:
@@ -62,19 +68,6 @@ def coefficient_activity(band: np.ndarray, size: int = 3) -> np.ndarray:
     return cv2.boxFilter(a * a, cv2.CV_32F, (size, size), normalize=True, borderType=cv2.BORDER_REFLECT)
 
 
-def _choose(details: list[np.ndarray], n: int, consistency: bool) -> np.ndarray:
-    """Index of the source with the largest activity at each position, majority-filtered."""
-    best = coefficient_activity(details[0])
-    choice = np.zeros(best.shape, dtype=np.int32)
-    for k in range(1, n):
-        act = coefficient_activity(details[k])
-        choice[act > best] = k
-        np.maximum(best, act, out=best)
-    if consistency:
-        choice = majority_filter(choice, n, 3)
-    return choice
-
-
 def fuse_dwt(
     images: Sequence[np.ndarray],
     *,
@@ -99,37 +92,53 @@ def fuse_dwt(
     check_stack(images)
     t0 = time.perf_counter()
     n = len(images)
-    first = images[0]
-    h, w = first.shape[:2]
+    shape = plane_shape(images)
+    h, w = shape[:2]
     max_level = pywt.dwt_max_level(min(h, w), pywt.Wavelet(wavelet).dec_len)
     lev = max_level if level is None else max(1, min(int(level), max(max_level, 1)))
     mode = "symmetric"
 
-    # Decisions from the luminance detail coefficients: per level (coarsest first) x (H, V, D).
-    lum_coeffs = [pywt.wavedec2(luminance(img), wavelet, mode=mode, level=lev) for img in images]
-    choices = []
-    for j in range(1, lev + 1):
-        choices.append(tuple(_choose([c[j][o] for c in lum_coeffs], n, consistency) for o in range(3)))
-    del lum_coeffs
+    # Pass 1, decisions from the luminance detail coefficients: per level (coarsest first) x (H, V, D),
+    # a running best activity and its source index (one plane's coefficients at a time).
+    best = choices = None
+    for k in range(n):
+        coeffs = pywt.wavedec2(luminance(np.asarray(images[k])), wavelet, mode=mode, level=lev)
+        acts = [[coefficient_activity(coeffs[j][o]) for o in range(3)] for j in range(1, lev + 1)]
+        if best is None:
+            best, choices = acts, [[np.zeros(a.shape, np.int32) for a in band] for band in acts]
+            continue
+        for j in range(lev):
+            for o in range(3):
+                choices[j][o][acts[j][o] > best[j][o]] = k
+                np.maximum(best[j][o], acts[j][o], out=best[j][o])
+    del best
+    if consistency:
+        choices = [[majority_filter(c, n, 3) for c in band] for band in choices]
 
-    channels = 1 if first.ndim == 2 else first.shape[2]
-    out = np.empty((h, w, channels), dtype=np.float32)
-    for ch in range(channels):
-        fused_coeffs = None
-        for k, img in enumerate(images):
+    # Pass 2: every channel's coefficients; running sum of approximations, details taken from the
+    # chosen source (source 0 first, overwritten where another is chosen).
+    channels = 1 if len(shape) == 2 else shape[2]
+    fused_coeffs = [None] * channels
+    first = None
+    for k in range(n):
+        img = np.asarray(images[k])
+        first = img if first is None else first
+        for ch in range(channels):
             x = img if img.ndim == 2 else img[..., ch]
             coeffs = pywt.wavedec2(x.astype(np.float32), wavelet, mode=mode, level=lev)
-            if fused_coeffs is None:
-                # running sum of approximations; details start from source 0 and are overwritten
-                fused_coeffs = [coeffs[0].astype(np.float64)] + [tuple(d.copy() for d in band) for band in coeffs[1:]]
+            fc = fused_coeffs[ch]
+            if fc is None:
+                fused_coeffs[ch] = [coeffs[0].astype(np.float64)] + [tuple(d.copy() for d in band) for band in coeffs[1:]]
                 continue
-            fused_coeffs[0] += coeffs[0]
+            fc[0] += coeffs[0]
             for j in range(1, lev + 1):
                 for o in range(3):
                     sel = choices[j - 1][o] == k
-                    fused_coeffs[j][o][sel] = coeffs[j][o][sel]
-        fused_coeffs[0] /= n  # averaged approximation band (Li et al. 1995)
-        rec = pywt.waverec2(fused_coeffs, wavelet, mode=mode)
+                    fc[j][o][sel] = coeffs[j][o][sel]
+    out = np.empty((h, w, channels), dtype=np.float32)
+    for ch, fc in enumerate(fused_coeffs):
+        fc[0] /= n  # averaged approximation band (Li et al. 1995)
+        rec = pywt.waverec2(fc, wavelet, mode=mode)
         out[..., ch] = rec[:h, :w]  # the transform pads odd sizes; crop back to the input size
 
     dtype = first.dtype

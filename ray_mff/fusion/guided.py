@@ -6,6 +6,10 @@ Pipeline (per stack):
   3. consistency verification: small-region relabelling, then guided-filter refinement with the
      initial fused image as guide (Liu et al. 2017, Sec. 3.3-3.4; He et al. 2013),
   4. F = sum_n W_n * I_n on every channel.
+Every step is a fold over the planes or works on (H, W) maps, so a lazy plane sequence
+(:mod:`ray_mff.planes`) is read three times (focus measure; guide; blend) and never held whole:
+peak memory is a few (H, W) maps plus one plane, whatever N. Results equal the whole-stack
+computation (bit-identical for N < 8; see :class:`ray_mff.fusion.consistency.RefinedWeights`).
 It is Liu et al.'s post-processing with a hand-made focus measure in place of the CNN, close in
 spirit to GFDF (Qiu et al., "Guided filter-based multi-focus image fusion through focus region
 detection", Signal Processing: Image Communication 2019).
@@ -18,11 +22,12 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from ray_mff.fusion.consistency import verify_index_map
-from ray_mff.fusion.decision import check_stack, fuse_with_weights
+from ray_mff.fusion.consistency import RefinedWeights, decision_guide, min_region_area, relabel_small_regions
+from ray_mff.fusion.decision import check_stack, fuse_with_weights, keep_full_weights, one_hot, select_planes
 from ray_mff.fusion.focus_measure import FOCUS_MEASURES
 from ray_mff.fusion.luminance import luminance
 from ray_mff.fusion.result import FusionResult
+from ray_mff.planes import mapped
 
 
 def focus_index_map(
@@ -97,7 +102,9 @@ def fuse_guided(
     area_ratio, radius, eps, refine: consistency verification knobs (``verify_index_map``),
                    defaults as in Liu et al. 2017 (0.01, 8, 0.1, guided refinement on).
 
-    Returns FusionResult(fused same shape/dtype, weights (H, W, N) float32, method "guided").
+    Returns FusionResult(fused same shape/dtype, weights (H, W, N) float32, method "guided"); a
+    stack whose weights exceed ``FULL_WEIGHTS_MAX_BYTES`` (64 MiB: e.g. 10 planes of 2048 x 2048)
+    carries ``weights=None`` and its ``index_map`` instead, so memory does not grow with N.
 
     Example:
         >>> from ray_mff.synthetic import render_focus_stack
@@ -110,22 +117,34 @@ def fuse_guided(
     if focus_measure not in FOCUS_MEASURES:
         raise ValueError(f"unknown focus measure {focus_measure!r}; choose from {sorted(FOCUS_MEASURES)}")
     t0 = time.perf_counter()
-    lums = [luminance(img) for img in images]
+    n = len(images)
+    lums = mapped(images, luminance)  # lazy for a PlaneSequence: one luminance at a time
     index, evidence = focus_index_map(lums, FOCUS_MEASURES[focus_measure], window, ambiguity_ratio)
+    index = relabel_small_regions(index, n, min_region_area(index.shape, area_ratio),
+                                  evidence=evidence if keep_ratio else None,
+                                  keep_evidence=float(np.log(keep_ratio)) if keep_ratio else 0.0)
+    del evidence
     t1 = time.perf_counter()
-    weights = verify_index_map(
-        index,
-        len(images),
-        lums,
-        area_ratio=area_ratio,
-        radius=radius,
-        eps=eps,
-        refine=refine,
-        evidence=evidence if keep_ratio else None,
-        keep_evidence=float(np.log(keep_ratio)) if keep_ratio else 0.0,
-    )
+    if refine:
+        weights = RefinedWeights(index, n, decision_guide(index, lums), radius, eps)
+    else:
+        weights = None
     t2 = time.perf_counter()
-    fused = fuse_with_weights(images, weights)
+    keep = keep_full_weights(index.shape, n)
+    if weights is None:
+        fused = select_planes(images, index)
+        full = one_hot(index, n) if keep else None
+        chosen = index.astype(np.uint16)
+    else:
+        tracker = _ArgmaxTracker(weights)
+        fused = fuse_with_weights(images, tracker)
+        full = np.zeros(index.shape + (n,), np.float32) if keep else None
+        chosen = None if keep else tracker.index
+        if keep:
+            for k in range(n):
+                wk = weights.weight(k)
+                if wk is not None:
+                    full[..., k] = wk
     t3 = time.perf_counter()
     stats = {
         "focus_measure": focus_measure,
@@ -140,4 +159,23 @@ def fuse_guided(
         "time_consistency_s": t2 - t1,
         "time_blend_s": t3 - t2,
     }
-    return FusionResult(fused=fused, weights=weights, method="guided", stats=stats)
+    return FusionResult(fused=fused, weights=full, method="guided", stats=stats, stored_index_map=chosen)
+
+
+class _ArgmaxTracker:
+    """A weight source passing ``weights.weight(k)`` through while keeping their running argmax
+    (first maximum on ties, as ``np.argmax``): the index map of a result without full weights."""
+
+    def __init__(self, weights: RefinedWeights):
+        self.weights, self.best, self.index = weights, None, None
+
+    def weight(self, k: int) -> np.ndarray | None:
+        wk = self.weights.weight(k)
+        if self.best is None:
+            self.best = np.zeros(self.weights.idx.shape, np.float32) if wk is None else wk.copy()
+            self.index = np.zeros(self.best.shape, np.uint16)
+        elif wk is not None:
+            better = wk > self.best
+            self.index[better] = k
+            np.maximum(self.best, wk, out=self.best)
+        return wk

@@ -38,9 +38,10 @@ import numpy as np
 
 from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple, repeat_batch
 from ray_mff.fusion.calibration import DecisionCalibrator, tie_break_measure
-from ray_mff.fusion.decision import check_stack, fuse_with_weights
+from ray_mff.fusion.decision import check_stack, fuse_with_weights, keep_full_weights
 from ray_mff.fusion.luminance import from_unit_float, luminance, to_unit_float
 from ray_mff.fusion.result import FusionResult
+from ray_mff.planes import mapped
 
 #: calibrated mode batches images per engine call only up to this many pixels per call (1 MP)
 BATCH_PIXELS = 1 << 20
@@ -146,7 +147,8 @@ class ModelFuser:
             d = self._decide(repeat_batch(f_ref, b), f, np.repeat(y_ref, b, axis=0), y, h, w)
             for j, k in enumerate(chunk):
                 cal.add(k, d[j], tie_break_measure(lums[k]))
-        return cal.weights()
+        # a deep stack keeps the calibrator (a weight source) instead of (H, W, N) weights
+        return cal if self.mode == "argmax" and not keep_full_weights((h, w), n) else cal.weights()
 
     def _serial(self, images: Sequence[np.ndarray], lums: list[np.ndarray], h: int, w: int) -> np.ndarray:
         n = len(images)
@@ -188,7 +190,7 @@ class ModelFuser:
         t0 = time.perf_counter()
         n = len(images)
         h, w = images[0].shape[:2]
-        lums = [luminance(img) for img in images]
+        lums = mapped(images, luminance)  # lazy for a PlaneSequence (ray_mff.planes): no N planes held
         ref = None
         fused = None
         if self.output == "fused":
@@ -203,7 +205,7 @@ class ModelFuser:
         if self.consistency and fused is None:
             from ray_mff.fusion.consistency import verify_index_map
 
-            weights = verify_index_map(np.argmax(weights, axis=-1), n, lums, area_ratio=self.area_ratio,
+            weights = verify_index_map(_index_of(weights), n, lums, area_ratio=self.area_ratio,
                                        radius=self.gf_radius, eps=self.gf_eps)
         if fused is None:
             fused = fuse_with_weights(images, weights)
@@ -219,4 +221,11 @@ class ModelFuser:
             "n": n,
             "seconds": time.perf_counter() - t0,
         }
+        if not isinstance(weights, np.ndarray):  # a weight source of a deep stack: keep its index map
+            return FusionResult(fused=fused, weights=None, method=self.name, stats=stats,
+                                stored_index_map=weights.index_map())
         return FusionResult(fused=fused, weights=weights, method=self.name, stats=stats)
+
+
+def _index_of(weights) -> np.ndarray:
+    return np.argmax(weights, axis=-1) if isinstance(weights, np.ndarray) else weights.index_map()
