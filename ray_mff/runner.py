@@ -14,16 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import numpy as np
 
-from ray_mff import io, manifest, storage
+from ray_mff import io, manifest, sinks, storage
 from ray_mff.errors import EmptyStackError, MFFError
-from ray_mff.fusion.result import FusionResult
 from ray_mff.stacks import Stack
 
 log = logging.getLogger("ray_mff")
 
-DECISION_MAP_DIR = "decision_maps"
 
 
 @dataclass
@@ -54,6 +51,9 @@ class RunSummary:
     failed: int = 0
     rows: list[dict] = field(default_factory=list)
     keep_rows: int = 1000
+    # Fraction of the fusion engines' time spent fusing (sum of fuse_s over the engines' wall
+    # time); None when nothing was fused. Low on a GPU run: the CPU stages do not keep it fed.
+    engine_busy: float | None = None
     _sums: dict = field(default_factory=dict, repr=False)
 
     def record(self, row: dict) -> None:
@@ -97,11 +97,6 @@ def source_fingerprint(stack: Stack) -> str:
     return h.hexdigest()[:16]
 
 
-def output_uri_for(output_root: str, stack_id: str, image: np.ndarray | None, fmt: str | None) -> str:
-    ext = f".{fmt.lower().lstrip('.')}" if fmt else (io.default_extension(image) if image is not None else ".png")
-    return storage.join_uri(output_root, f"{stack_id}{ext}")
-
-
 def _base_row(stack: Stack, fuser_name: str) -> dict:
     row = manifest.empty_row()
     row.update(
@@ -115,34 +110,11 @@ def _base_row(stack: Stack, fuser_name: str) -> dict:
     return row
 
 
-def _decision_map_image(result: FusionResult, n: int) -> np.ndarray | None:
-    """8-bit picture of the decision: D for pairs, the source index scaled to 0..255 otherwise.
-
-    Huge tiled results carry only the index map (no (H, W, N) weights); pairs then show it too.
-    """
-    if result.weights is not None and n == 2:
-        return np.clip(np.rint(result.weights[..., 0] * 255), 0, 255).astype(np.uint8)
-    index = result.index_map
-    if index is None:
-        return None
-    if n == 2:  # index 0 = first source in focus, shown white like D = 1
-        return np.where(index == 0, 255, 0).astype(np.uint8)
-    return np.rint(index.astype(np.float32) * (255.0 / (n - 1))).astype(np.uint8)
-
-
-def _score(images: list[np.ndarray], fused: np.ndarray, opts: RunOptions) -> dict:
-    if not opts.compute_metrics or fused.shape[0] * fused.shape[1] > opts.metrics_max_pixels:
-        return {}
-    from ray_mff import metrics
-
-    scores = {"q_g": metrics.q_g(images, fused), "q_mi": metrics.q_mi(images, fused)}
-    if len(images) <= opts.q_y_max_sources:
-        scores["q_y"] = metrics.q_y(images, fused)
-    return scores
-
-
 def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> dict:
-    """Read, fuse, write and score one stack; return its manifest row (status ok or error)."""
+    """Read, fuse, write and score one stack; return its manifest row (status ok or error).
+
+    The row carries the seconds of each stage (``read_s``, ``fuse_s``, ``write_s``, ``score_s``).
+    """
     t0 = time.perf_counter()
     row = _base_row(stack, getattr(fuser, "name", str(fuser)))
     try:
@@ -155,25 +127,25 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
         first = images[0]
         row.update(height=first.shape[0], width=first.shape[1],
                    channels=1 if first.ndim == 2 else first.shape[2], dtype=str(first.dtype))
-        out_uri = output_uri_for(output_root, stack.id, first, opts.output_format)
+        t1 = time.perf_counter()
+        row["read_s"] = round(t1 - t0, 4)
         if len(images) == 1:
             # Nothing to fuse: pass the image through so the archive stays complete, and say so.
-            io.write_image(out_uri, first)
-            row.update(status=manifest.STATUS_OK, output_uri=out_uri, engine="none",
+            row.update(sinks.write_outputs(output_root, stack.id, first, opts))
+            row.update(status=manifest.STATUS_OK, engine="none",
                        warning=row["warning"] or "one-image stack passed through unfused")
+            row["write_s"] = round(time.perf_counter() - t1, 4)
         else:
             result = fuser.fuse(images)
-            io.write_image(out_uri, result.fused)
-            row.update(status=manifest.STATUS_OK, output_uri=out_uri,
+            t2 = time.perf_counter()
+            row.update(status=manifest.STATUS_OK,
                        engine=result.stats.get("engine"), precision=result.stats.get("precision"),
-                       calibration=result.stats.get("calibration"))
-            if opts.save_decision_maps:
-                dmap = _decision_map_image(result, len(images))
-                if dmap is not None:
-                    dm_uri = storage.join_uri(output_root, DECISION_MAP_DIR, f"{stack.id}.png")
-                    io.write_image(dm_uri, dmap)
-                    row["decision_map_uri"] = dm_uri
-            row.update(_score(images, result.fused, opts))
+                       calibration=result.stats.get("calibration"), fuse_s=round(t2 - t1, 4))
+            dmap = sinks.decision_map_image(result, len(images)) if opts.save_decision_maps else None
+            row.update(sinks.write_outputs(output_root, stack.id, result.fused, opts, dmap))
+            t3 = time.perf_counter()
+            row.update(sinks.score(images, result.fused, opts), write_s=round(t3 - t2, 4),
+                       score_s=round(time.perf_counter() - t3, 4))
     except MFFError as err:
         row.update(status=manifest.STATUS_ERROR, error=str(err))
     except Exception as err:  # an unexpected failure on one stack must not stop the archive run
@@ -249,9 +221,12 @@ def run_local(
     run_id = run_id or manifest.new_run_id()
     todo, skipped = plan_run(stacks, output_root, opts)
     summary = RunSummary(run_id=run_id, output=output_root, skipped=len(skipped))
+    started, busy = time.perf_counter(), 0.0
     with manifest.ManifestWriter(output_root, run_id) as writer:
         for stack in _progress(todo, progress):
             row = writer.add(process_stack(stack, fuser, output_root, opts))
+            busy += row.get("fuse_s") or 0.0
+            summary.engine_busy = busy / max(time.perf_counter() - started, 1e-9) if busy else None
             summary.record(row)
             if not (progress and sys.stderr.isatty()):
                 log.info("%s %s %.2fs", row["stack_id"], row["status"], row["seconds"])
