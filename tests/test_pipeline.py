@@ -388,6 +388,8 @@ def test_staged_pipeline_pool_starts_below_its_maximum(ray_session, tmp_path):
                            resources=StageResources(pixel_budget=3 * 64 * 64), fuser_factory=SlowCopyFuser,
                            on_row=seen.append)
     assert (summary.fused, summary.failed) == (6, 1) and len(seen) == 7
+    # the pool ran on what 2 CPUs hold (a fixed pool of 8 one-CPU actors could never start)
+    assert 1 <= len({r["_actor"] for r in seen if r.get("_actor")}) < 8
     df = _read_manifest(str(tmp_path / "out")).set_index("stack_id")
     assert df.loc["bad", "status"] == "error" and "bad_A.png" in df.loc["bad", "error"]
     ok = df[df.status == "ok"]
