@@ -100,10 +100,15 @@ def _jsonable(value):
 # --------------------------------------------------------------------------- arrays between stages
 
 
-def _pack(arrays: np.ndarray | None) -> tuple[bytes, str]:
-    """One array -> (raw bytes, JSON layout); None -> (b"", "")."""
+def _pack(arrays: np.ndarray | list[np.ndarray] | None) -> tuple[bytes, str]:
+    """One array, or a list of same-shape arrays (a stack: packed as (N, ...) in one copy) ->
+    (raw bytes, JSON layout); None -> (b"", "")."""
     if arrays is None:
         return b"", ""
+    if isinstance(arrays, list):
+        shape = [len(arrays), *arrays[0].shape]
+        return b"".join(np.ascontiguousarray(a).tobytes() for a in arrays), json.dumps(
+            {"shape": shape, "dtype": str(arrays[0].dtype)})
     arrays = np.ascontiguousarray(arrays)
     return arrays.tobytes(), json.dumps({"shape": list(arrays.shape), "dtype": str(arrays.dtype)})
 
@@ -171,7 +176,7 @@ def read_stage(batch: pa.Table, *, opts: RunOptions, s3_endpoint: str | None = N
             first = members[0]
             row.update(height=first.shape[0], width=first.shape[1],
                        channels=1 if first.ndim == 2 else first.shape[2], dtype=str(first.dtype))
-            images = np.stack(members)
+            images = members
         except Exception as err:  # noqa: BLE001 - every failure becomes the stack's error row
             _fail(row, stack.id, err)
         row["read_s"] = round(time.perf_counter() - t0, 4)
@@ -238,9 +243,14 @@ class FuseStage:
                 fused[i] = stacks[i][0]
                 row.update(engine="none", warning=row.get("warning") or "one-image stack passed through unfused")
             row.update(_actor=self.actor_id, _fuse_start=start, _fuse_end=time.time())
-        keep_sources = self.opts.compute_metrics
-        return _stage_table(rows, sources=[s if keep_sources else None for s in stacks], fused=fused,
-                            decision=decision)
+        out = _stage_table(rows, fused=fused, decision=decision)
+        if self.opts.compute_metrics:  # the sources go on to be scored: the same Arrow buffers, no copy
+            out = out.append_column("sources", batch.column("sources"))
+        else:
+            out = out.append_column("sources", pa.array([b""] * len(rows), pa.large_binary()))
+            batch = batch.set_column(batch.schema.get_field_index("sources_layout"), "sources_layout",
+                                     pa.array([""] * len(rows), pa.string()))
+        return out.append_column("sources_layout", batch.column("sources_layout"))
 
     @staticmethod
     def _same_shape_groups(rows: list[dict], stacks: list) -> list[list[int]]:
