@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DATA, help="the shared data folder (lytro/, lytro_results/)")
     p.add_argument("--fused", default="cnn", help="lytro_results/<NAME>/ holds the fused images scored")
-    p.add_argument("--repeat", type=int, default=3, help="runs per pair and version; the fastest counts")
+    p.add_argument("--repeat", type=int, default=5, help="runs per pair and version; the fastest counts")
     p.add_argument("--threads", type=int, default=1,
                    help="OpenCV and torch threads (default 1: one core per scoring task, as in the pipeline; 0 = their defaults)")
     args = p.parse_args(argv)
