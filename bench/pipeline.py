@@ -24,6 +24,16 @@ Both executors do the same work per stack (:func:`ray_mff.runner.process_stack`:
 score). ``MP/s`` counts source megapixels (every image of every stack). Peak RSS is the sum over
 this process and all its descendants (Ray's GCS, raylet, workers), sampled every 50 ms from /proc (Linux); the
 acceptance checks are pipeline/loop >= 0.7 in stacks/s and peak-RSS growth <= 1.3 for K = 10.
+
+``--simulate-gpu-ms MS`` measures instead whether the pipeline keeps a GPU busy, on a machine with
+none: ``ray.init(num_gpus=1)`` declares one, and a stand-in engine claims it and only sleeps MS per
+stack (no CPU). The Lytro pairs (``../shared/data/lytro``, at least 64 stacks: hard links
+to the 20 pairs) are fused by the *staged* pipeline (CPU read tasks -> the GPU actor -> CPU
+write/score tasks) and by the *single-actor* design (one GPU actor reads, fuses, writes and scores
+each stack), metrics on. Engine busy = seconds spent in the stand-in / the actor's wall time from
+its first batch to its last. The last line is ``engine_busy=<fraction>`` for the staged design::
+
+    .venv/bin/python bench/pipeline.py --simulate-gpu-ms 100          # target: engine_busy >= 0.8
 """
 from __future__ import annotations
 
@@ -120,6 +130,84 @@ def timed(fn):
     return summary, time.perf_counter() - t0
 
 
+# --------------------------------------------------------------------------- --simulate-gpu-ms
+
+
+class SleepingEngineFuser:
+    """Stand-in for a GPU engine: claims the GPU (the actor's num_gpus=1), sleeps ``ms`` per stack,
+    returns the first source as the fused image. No CPU work, so the GPU's busy fraction is only a
+    question of how fast the other stages feed it."""
+
+    name = "gpu-standin"
+
+    def __init__(self, ms: float):
+        self.seconds = ms / 1000.0
+
+    def fuse(self, images):
+        from ray_mff.fusion.result import FusionResult
+
+        time.sleep(self.seconds)
+        return FusionResult(images[0], None, self.name, {"engine": "sleep", "precision": "-"})
+
+
+def _standin_factory(ms: float):
+    return lambda: SleepingEngineFuser(ms)
+
+
+def lytro_archive(root: Path, lytro: Path, n_stacks: int) -> None:
+    """``n_stacks`` folders of hard links to the Lytro pairs (cycling through the 20)."""
+    pairs = sorted(lytro.glob("lytro_*_A.png"))
+    if not pairs:
+        raise SystemExit(f"no Lytro pairs under {lytro}")
+    for i in range(n_stacks):
+        a = pairs[i % len(pairs)]
+        folder = root / f"s{i:05d}"
+        folder.mkdir(parents=True)
+        os.link(a, folder / "a.png")
+        os.link(a.with_name(a.name.replace("_A.png", "_B.png")), folder / "b.png")
+
+
+def simulate_gpu(args) -> int:
+    import ray
+
+    from ray_mff.pipeline import run_pipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="ray-mff-bench-gpu-"))
+    results = []
+    try:
+        lytro_archive(tmp / "in", Path(args.lytro), args.stacks)
+        stacks = discover_stacks(str(tmp / "in"))
+        ray.init(num_cpus=args.cpus, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        for design in ("single", "staged"):
+            t0 = time.perf_counter()
+            summary = run_pipeline(stacks, {"name": "guided"}, str(tmp / f"out-{design}"), RunOptions(),
+                                   design=design, fuser_factory=_standin_factory(args.simulate_gpu_ms),
+                                   num_gpus_per_actor=1, max_actors=1)
+            wall = time.perf_counter() - t0
+            assert summary.fused == len(stacks) and not summary.failed, summary.rows[:1]
+            stages = {k: np.mean([r[k] or 0.0 for r in summary.rows]) * 1000
+                      for k in ("read_s", "fuse_s", "write_s", "score_s")}
+            results.append((design, len(stacks), wall, summary.engine_busy, stages))
+        ray.shutdown()
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nstand-in GPU engine sleeping {args.simulate_gpu_ms:g} ms per stack; {args.stacks} Lytro pairs "
+          f"(520x520 RGB), metrics on; Ray: {args.cpus} CPUs + 1 GPU; {os.cpu_count()} cores on this machine "
+          f"(load average now {os.getloadavg()[0]:.1f})")
+    header = (f"{'design':<8}{'stacks':>7}{'seconds':>9}{'stacks/s':>10}{'read ms':>9}{'fuse ms':>9}"
+              f"{'write ms':>10}{'score ms':>10}{'engine busy':>13}")
+    print(header)
+    print("-" * len(header))
+    for design, n, wall, busy, st in results:
+        print(f"{design:<8}{n:>7}{wall:>9.1f}{n / wall:>10.2f}{st['read_s']:>9.1f}{st['fuse_s']:>9.1f}"
+              f"{st['write_s']:>10.1f}{st['score_s']:>10.1f}{busy:>13.2f}")
+    single, staged = results[0][3], results[1][3]
+    print(f"staged vs single actor: engine busy {staged:.2f} vs {single:.2f} (target >= 0.80 for staged)")
+    print(f"engine_busy={staged:.3f}")
+    return 0 if staged >= 0.8 else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="guided", help=f"fusion method (default: guided; ray-mff's default is {default_method()})")
@@ -128,7 +216,14 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs for the local Ray instance")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--simulate-gpu-ms", type=float, default=None,
+                   help="staged vs single-actor pipeline with a stand-in GPU engine sleeping MS per stack")
+    p.add_argument("--lytro", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "lytro"),
+                   help="--simulate-gpu-ms: folder of lytro_NN_A/B.png pairs")
     args = p.parse_args(argv)
+    if args.simulate_gpu_ms is not None:
+        args.stacks = max(args.stacks if "--stacks" in (argv or sys.argv) else 64, 64)
+        return simulate_gpu(args)
     method = args.method
     spec = {"name": method}
     tmp = Path(tempfile.mkdtemp(prefix="ray-mff-bench-"))

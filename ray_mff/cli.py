@@ -12,8 +12,12 @@ from ray_mff.errors import MFFError
 
 log = logging.getLogger("ray_mff")
 
-# Runs with at most this many stacks go through the local loop; more go through Ray Data.
-RAY_THRESHOLD = 16
+# --executor auto without a cluster: Ray's start-up (~10-20 s: a local instance, worker processes,
+# each loading the method) pays off only when the run's CPU time, spread over this many cores or
+# more, saves more than that. Rough CPU seconds per stack on one core (a 520x520 pair, scored).
+RAY_MIN_CORES = 4
+RAY_MIN_SAVING_S = 60.0
+_SECONDS_PER_STACK = {"classical": 0.3, "learned": 3.0}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -92,10 +96,17 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, default=None, help="reject images with more pixels than this")
     add_align_options(p)
     p.add_argument("--executor", default="auto", choices=["auto", "local", "ray"],
-                   help=f"local loop or Ray Data pipeline (auto: Ray for more than {RAY_THRESHOLD} stacks)")
+                   help="local loop or Ray Data pipeline (auto: Ray when a cluster is given or running, "
+                        "else the local loop unless the run is big enough to pay for Ray on a multi-core machine)")
     p.add_argument("--s3-endpoint", default=None,
                    help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    p.add_argument("--num-actors", type=int, default=None, help="Ray: fusion actors (default: one per CPU/GPU)")
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="Ray: a fixed number of fusion actors (sets --min-actors and --max-actors)")
+    p.add_argument("--min-actors", type=int, default=None, help="Ray: fusion actors to start with (default 1)")
+    p.add_argument("--max-actors", type=int, default=None,
+                   help="Ray: most fusion actors; the pool grows to it while work is queued, and on an "
+                        "autoscaling cluster asking for more GPU actors than are up adds GPU nodes "
+                        "(default: one per GPU or CPU the cluster has now)")
     p.add_argument("--batch-size", type=int, default=1, help="Ray: stacks per actor batch")
     p.add_argument("--ray-address", default=None, help="Ray: cluster address (default: local or RAY_ADDRESS)")
     p.add_argument("--gpus-per-actor", type=float, default=None,
@@ -169,6 +180,9 @@ def print_run_summary(summary, out=None) -> None:
             print(f"error: {r['error']}", file=out)
         elif r.get("warning"):
             print(f"warning: {r['stack_id']}: {r['warning']}", file=out)
+    if summary.engine_busy is not None:
+        print(f"fusion engine busy {summary.engine_busy:.0%} of its time (sum of fuse_s / engine wall time)",
+              file=out)
     print(f"run {summary.run_id}: {summary.fused} fused, {summary.skipped} skipped, {summary.failed} failed "
           f"-> {summary.output}", file=out)
 
@@ -188,18 +202,50 @@ def run_fuse(args):
         return None
     spec = fuser_spec_from_args(args)
     opts = run_options_from_args(args)
-    executor = args.executor
+    executor, why = args.executor, "asked for"
     if executor == "auto":
-        executor = "ray" if len(stacks) > RAY_THRESHOLD else "local"
-    log.info("%d stacks in %s; method %s; executor %s", len(stacks), args.input, spec["name"], executor)
+        executor, why = choose_executor(len(stacks), spec, args.ray_address)
+    log.info("%d stacks in %s; method %s; executor %s (%s)", len(stacks), args.input, spec["name"], executor, why)
     if executor == "ray":
         from ray_mff.pipeline import run_pipeline
 
         return run_pipeline(stacks, spec, args.output, opts, num_actors=args.num_actors,
+                            min_actors=args.min_actors, max_actors=args.max_actors,
                             batch_size=args.batch_size, ray_address=args.ray_address,
                             s3_endpoint=args.s3_endpoint, num_gpus_per_actor=args.gpus_per_actor,
                             flush_every=args.flush_every)
     return run_local(stacks, get_fuser(**spec), args.output, opts)
+
+
+def choose_executor(n_stacks: int, spec: dict, ray_address: str | None,
+                    cores: int | None = None) -> tuple[str, str]:
+    """``(executor, why)`` for ``--executor auto``.
+
+    Ray when there is a cluster to use: ``--ray-address``, ``RAY_ADDRESS`` (as under ``ray job
+    submit``) or a Ray instance this process is already connected to. Otherwise (a laptop) the
+    local loop, unless this machine has at least RAY_MIN_CORES cores and the run is long enough
+    that spreading it over them saves more than RAY_MIN_SAVING_S seconds.
+    """
+    import os
+
+    if ray_address:
+        return "ray", f"--ray-address {ray_address}"
+    if os.environ.get("RAY_ADDRESS"):
+        return "ray", "RAY_ADDRESS is set"
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return "ray", "this process is connected to Ray"
+    from ray_mff.methods import CLASSICAL_METHODS
+
+    cores = cores or os.cpu_count() or 1
+    kind = "classical" if spec.get("name") in CLASSICAL_METHODS else "learned"
+    estimate = n_stacks * _SECONDS_PER_STACK[kind]
+    saving = estimate * (1.0 - 1.0 / cores)
+    if cores < RAY_MIN_CORES:
+        return "local", f"no Ray cluster given, and {cores} cores gain too little from Ray's worker processes"
+    if saving < RAY_MIN_SAVING_S:
+        return "local", (f"no Ray cluster given; ~{estimate:.0f} CPU-seconds of work would save ~{saving:.0f} s on "
+                         f"{cores} cores, less than Ray's start-up is worth")
+    return "ray", f"no cluster given, but ~{estimate:.0f} CPU-seconds of work spread over {cores} local cores"
 
 
 def _outside(stacks: list, output_root: str) -> list:

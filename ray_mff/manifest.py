@@ -48,6 +48,11 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
         ("warning", pa.string()),
         ("seconds", pa.float64()),
+        # seconds per stage (read+decode, fuse, encode+write, score); None where a stage did not run
+        ("read_s", pa.float64()),
+        ("fuse_s", pa.float64()),
+        ("write_s", pa.float64()),
+        ("score_s", pa.float64()),
         ("q_g", pa.float64()),
         ("q_y", pa.float64()),
         ("q_mi", pa.float64()),

@@ -45,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
+import cv2
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
@@ -83,27 +84,49 @@ def _grey255(img: np.ndarray) -> np.ndarray:
         a = a[..., 0]
     if a.ndim not in (2, 3) or a.size == 0:
         raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {a.shape}")
-    if a.dtype == np.uint8 and a.ndim == 2:
-        return a.astype(np.float64)
+    if a.dtype == np.uint8:
+        return _grey8(a).astype(np.float64)
     x = a.astype(np.float64)
-    if a.dtype != np.uint8:
-        # First to 8 bits per channel, as MATLAB im2uint8 does, so that every dtype meets the
-        # same rgb2gray rounding (a float image equal to uint8 / 255 scores exactly the same).
-        if a.dtype.kind == "f":
-            x = np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0) * 255.0
-        elif a.dtype.kind in "ui":
-            x = np.clip(x, 0.0, None) * 255.0 / dtype_max(a.dtype)
-        else:
-            raise ValueError(f"unsupported dtype {a.dtype}")
-        x = _round_half_away(x)
-    if x.ndim == 3:
-        if x.shape[2] in (3, 4):
-            # MATLAB rgb2gray: first row of the NTSC (YIQ) inverse matrix, applied in double.
-            x = x[..., 0] * BT601[0] + x[..., 1] * BT601[1] + x[..., 2] * BT601[2]
-        else:
-            x = x.mean(axis=2)
-    # rgb2gray on uint8 returns uint8: rounded (half away from zero) and saturated.
-    return np.clip(_round_half_away(x), 0.0, 255.0)
+    # First to 8 bits per channel, as MATLAB im2uint8 does, so that every dtype meets the
+    # same rgb2gray rounding (a float image equal to uint8 / 255 scores exactly the same).
+    if a.dtype.kind == "f":
+        x = np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0) * 255.0
+    elif a.dtype.kind in "ui":
+        x = np.clip(x, 0.0, None) * 255.0 / dtype_max(a.dtype)
+    else:
+        raise ValueError(f"unsupported dtype {a.dtype}")
+    return _grey8(_round_half_away(x).astype(np.uint8)).astype(np.float64)
+
+
+# rgb2gray's products of each 8-bit level with its weight, tabulated per channel:
+# T[0, v, c] == v * BT601[c] exactly, so T[R] + T[G] + T[B] is the double sum MATLAB forms.
+_RGB2GRAY_LUT = np.ascontiguousarray(
+    (np.arange(256, dtype=np.float64)[:, None] * np.asarray(BT601[:3], dtype=np.float64)[None, :])[None])
+
+
+def _grey8(a: np.ndarray) -> np.ndarray:
+    """uint8 (H, W) or (H, W, C) -> (H, W) uint8 grey, as MATLAB ``rgb2gray`` on uint8."""
+    if a.ndim == 2:
+        return a
+    if a.shape[2] in (3, 4):
+        # MATLAB rgb2gray: first row of the NTSC (YIQ) inverse matrix, applied in double.
+        t = cv2.LUT(np.ascontiguousarray(a[..., :3]), _RGB2GRAY_LUT)
+        x = t[..., 0] + t[..., 1]
+        x += t[..., 2]
+    else:
+        x = a.mean(axis=2)
+    # rgb2gray on uint8 returns uint8: rounded half away from zero (x >= 0: floor(x + 0.5)),
+    # saturated.
+    x += 0.5
+    np.minimum(x, 255.0, out=x)
+    return x.astype(np.uint8)
+
+
+def _grey_u8(img: np.ndarray) -> np.ndarray:
+    a = np.asarray(img)
+    if a.dtype == np.uint8 and a.ndim in (2, 3) and a.size:
+        return _grey8(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a)
+    return _grey255(a).astype(np.uint8)
 
 
 def _prepare(sources: Sequence[np.ndarray], fused: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -115,10 +138,10 @@ def _prepare(sources: Sequence[np.ndarray], fused: np.ndarray) -> tuple[list[np.
     srcs = list(sources)
     if len(srcs) < 2:
         raise ValueError(f"fusion metrics need at least 2 source images, got {len(srcs)}")
-    g_f = _grey255(fused).astype(np.uint8)
+    g_f = _grey_u8(fused)
     g_src = []
     for i, s in enumerate(srcs):
-        g = _grey255(s).astype(np.uint8)
+        g = _grey_u8(s)
         if g.shape != g_f.shape:
             raise ValueError(f"source {i} is {g.shape[0]}x{g.shape[1]} but the fused image is "
                              f"{g_f.shape[0]}x{g_f.shape[1]}")
@@ -134,49 +157,89 @@ def _prepare(sources: Sequence[np.ndarray], fused: np.ndarray) -> tuple[list[np.
 # Electronics Letters 36(4) (2000), Eqs. (5)-(6), with the values the survey reads off Fig. 1.
 _QG_GAMMA_G, _QG_K_G, _QG_SIGMA_G = 0.9994, -15.0, 0.5
 _QG_GAMMA_A, _QG_K_A, _QG_SIGMA_A = 0.9879, -22.0, 0.8
-_QG_L = 1.0
 _TINY = 1e-5  # the survey's guard against 0/0 in gradient ratios and atan(gy/0)
 
 
-def _sobel_strength_angle(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sobel edge strength g and orientation alpha = atan(gy/gx), Xydeas & Petrovic Eqs. (1)-(2).
+_SOBEL_SMOOTH = np.array([1.0, 2.0, 1.0], dtype=np.float32)
+_SOBEL_DIFF = np.array([-1.0, 0.0, 1.0], dtype=np.float32)
+
+
+def _sobel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sobel gradients gx, gy and edge strength g of a uint8 image, Xydeas & Petrovic Eq. (1).
 
     Correlation with zero padding, as MATLAB ``filter2(h, x, 'same')``:
-    gx with [-1 0 1; -2 0 2; -1 0 1], gy with [-1 -2 -1; 0 0 0; 1 2 1].
+    gx with [-1 0 1; -2 0 2; -1 0 1], gy with [-1 -2 -1; 0 0 0; 1 2 1]. The gradients are whole
+    numbers below 2^11, exact in float32; gx == 0 is replaced by 1e-5 as the survey does before
+    its atan(gy / gx).
     """
-    smooth_rows = ndimage.correlate1d(x, [1.0, 2.0, 1.0], axis=0, mode="constant")
-    smooth_cols = ndimage.correlate1d(x, [1.0, 2.0, 1.0], axis=1, mode="constant")
-    gx = ndimage.correlate1d(smooth_rows, [-1.0, 0.0, 1.0], axis=1, mode="constant")
-    gy = ndimage.correlate1d(smooth_cols, [-1.0, 0.0, 1.0], axis=0, mode="constant")
-    g = np.sqrt(gx * gx + gy * gy)
-    gx = gx + (gx == 0) * _TINY
-    return g, np.arctan(gy / gx)
+    gx = cv2.sepFilter2D(x, cv2.CV_32F, _SOBEL_DIFF, _SOBEL_SMOOTH, borderType=cv2.BORDER_CONSTANT)
+    gy = cv2.sepFilter2D(x, cv2.CV_32F, _SOBEL_SMOOTH, _SOBEL_DIFF, borderType=cv2.BORDER_CONSTANT)
+    g = cv2.magnitude(gx, gy)
+    gx[gx == 0] = _TINY
+    return gx, gy, g
+
+
+def _orientation_difference(gx_s, gy_s, gx_f, gy_f) -> np.ndarray:
+    """|alpha_S - alpha_F| with alpha = atan(gy / gx), Xydeas & Petrovic Eqs. (2) and (4).
+
+    With u = tan alpha_S, v = tan alpha_F: sin(alpha_S - alpha_F) and cos(alpha_S - alpha_F) are
+    (u - v) and (1 + u v) times cos alpha_S cos alpha_F > 0, so the difference is
+    atan2(|u - v|, 1 + u v); multiplied through by |gx_S gx_F| this is the angle of a cross and
+    a dot product: one atan per source instead of one per image and source. numpy's float32
+    ``arctan`` is vectorised (its ``arctan2`` is not, and is several times slower), so the
+    quadrant is restored by hand: atan(|cross| / |dot|), or pi minus it where the dot is negative.
+    """
+    cross = gy_s * gx_f
+    cross -= gy_f * gx_s
+    np.abs(cross, out=cross)
+    dot = gx_s * gx_f
+    flip = dot < 0
+    dot += gy_s * gy_f
+    np.not_equal(flip, dot < 0, out=flip)  # sign of (1 + u v) = sign(dot) * sign(gx_S gx_F)
+    np.abs(dot, out=dot)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        angle = np.arctan(np.divide(cross, dot, out=cross), out=cross)  # cross / 0 -> inf -> pi/2
+    np.subtract(np.float32(np.pi), angle, out=angle, where=flip)
+    return angle
+
+
+def _sigmoid(x: np.ndarray, gamma: float, k: float, sigma: float) -> np.ndarray:
+    """gamma / (1 + exp(k (x - sigma))), in place on ``x`` (Xydeas & Petrovic Eqs. (5)-(6))."""
+    x -= sigma
+    x *= k
+    np.exp(x, out=x)
+    x += 1.0
+    np.divide(gamma, x, out=x)
+    return x
 
 
 def _q_g(srcs: list[np.ndarray], f: np.ndarray) -> float:
-    g_f, a_f = _sobel_strength_angle(f.astype(np.float64))
+    gx_f, gy_f, g_f = _sobel(f)
     num = 0.0
     den = 0.0
     for s in srcs:
-        g_s, a_s = _sobel_strength_angle(s.astype(np.float64))
+        gx_s, gy_s, g_s = _sobel(s)
         # Relative strength G^{AF}, Eq. (3): the smaller gradient over the larger one. The
         # survey's code guards zeros in place, source by source (g_f keeps its guard for the
-        # next source); we follow that order so N = 2 is the published number bit for bit.
+        # next source); we follow that order so N = 2 is the published number.
         larger_src = g_s > g_f
-        g_s = g_s + (g_s == 0) * _TINY
+        g_s[g_s == 0] = _TINY
         ratio_f_over_s = g_f / g_s
-        g_f = g_f + (g_f == 0) * _TINY
-        ratio_s_over_f = g_s / g_f
-        g_rel = np.where(larger_src, ratio_f_over_s, ratio_s_over_f)
+        g_f[g_f == 0] = _TINY
+        g_rel = np.divide(g_s, g_f)
+        np.copyto(g_rel, ratio_f_over_s, where=larger_src)
         # Relative orientation A^{AF}, Eq. (4): 1 - |alpha_A - alpha_F| / (pi/2).
-        a_rel = 1.0 - np.abs(a_s - a_f) * 2.0 / np.pi
+        a_rel = _orientation_difference(gx_s, gy_s, gx_f, gy_f)
+        a_rel *= np.float32(-2.0 / np.pi)
+        a_rel += 1.0
         # Edge-strength and orientation preservation, Eqs. (5)-(7).
-        q_sf = (_QG_GAMMA_G / (1.0 + np.exp(_QG_K_G * (g_rel - _QG_SIGMA_G)))
-                * _QG_GAMMA_A / (1.0 + np.exp(_QG_K_A * (a_rel - _QG_SIGMA_A))))
-        # Eq. (8): edge-strength-weighted sum; with N sources the sums run over all of them.
-        w = g_s ** _QG_L
-        num += float(np.sum(q_sf * w))
-        den += float(np.sum(w))
+        q_sf = _sigmoid(g_rel, _QG_GAMMA_G, _QG_K_G, _QG_SIGMA_G)
+        q_sf *= _sigmoid(a_rel, _QG_GAMMA_A, _QG_K_A, _QG_SIGMA_A)
+        # Eq. (8): edge-strength-weighted sum (L = 1); with N sources the sums run over all of
+        # them. Sums in float64.
+        q_sf *= g_s
+        num += float(np.sum(q_sf, dtype=np.float64))
+        den += float(np.sum(g_s, dtype=np.float64))
     return num / den
 
 
@@ -206,73 +269,110 @@ def q_g(sources: Sequence[np.ndarray], fused: np.ndarray) -> float:
 _QY_WIN, _QY_SIGMA = 7, 1.5
 _QY_C1 = _QY_C2 = 2e-16
 _QY_THRESHOLD = 0.75
-_QY_BAND_ELEMENTS = 1 << 22  # pixels per moment array across all images of one band (~32 MB)
+# Pixels per band across all images: the map is computed in bands of rows that stay in cache
+# (and bound memory on large stacks); about 64 rows of a 520-pixel pair with its fused image.
+_QY_BAND_ELEMENTS = 1 << 17
+
+
+def _gauss_kernel(size: int, sigma: float) -> np.ndarray:
+    """MATLAB ``fspecial('gaussian', size, sigma)`` is the outer product of this 1-D kernel."""
+    r = size // 2
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    g = np.exp(-(t * t) / (2.0 * sigma * sigma))
+    return g / g.sum()
+
+
+_QY_KERNEL = _gauss_kernel(_QY_WIN, _QY_SIGMA)
+_QY_BOX = np.ones((_QY_WIN, _QY_WIN), np.uint8)
 
 
 def _gauss_valid(x: np.ndarray) -> np.ndarray:
-    """MATLAB ``filter2(fspecial('gaussian', 7, 1.5), x, 'valid')``; the window is separable."""
+    """MATLAB ``filter2(fspecial('gaussian', 7, 1.5), x, 'valid')`` in float64, from a uint8 or
+    uint16 image; the window is separable, and 'valid' windows never reach the border, so
+    OpenCV's border mode is moot."""
     r = _QY_WIN // 2
-    t = np.arange(-r, r + 1, dtype=np.float64)
-    g = np.exp(-(t * t) / (2.0 * _QY_SIGMA * _QY_SIGMA))
-    g /= g.sum()
-    y = ndimage.correlate1d(x, g, axis=0, mode="constant")
-    y = ndimage.correlate1d(y, g, axis=1, mode="constant")
-    return y[r:-r, r:-r]
+    return cv2.sepFilter2D(x, cv2.CV_64F, _QY_KERNEL, _QY_KERNEL)[r:-r, r:-r]
 
 
 class _LocalMoments:
-    """Gaussian-window means and variances of one image, cached for the SSIM maps (Wang 2004)."""
+    """Gaussian-window means and variances of one uint8 image, cached for the SSIM maps (Wang 2004).
 
-    __slots__ = ("x", "mu", "mu_sq", "var", "flat")
+    All in float64: E[x^2] - mu^2 cancels (x^2 reaches 65025), and float32 would move Q_Y by
+    ~1e-5. OpenCV filters the uint8 image and its exact uint16 squares and products directly.
+    """
+
+    __slots__ = ("x", "mu", "mu_sq_c", "var", "var_c", "flat")
 
     def __init__(self, x: np.ndarray):
         self.x = x
         self.mu = _gauss_valid(x)
-        self.mu_sq = self.mu * self.mu
         r = _QY_WIN // 2
         # Windows where the image is constant have zero variance (and zero covariance with
         # anything). E[x^2] - mu^2 leaves round-off there (~1e-12, far above C2 = 2e-16) which
         # turns the SSIM structure term into noise; the survey's values (its NaN guard for
         # sigma_A^2 + sigma_B^2 == 0 shows MATLAB met exact zeros) are reproduced only with the
         # exact zero. Inputs are whole grey levels, so any other window has variance >= 1e-3.
-        self.flat = (ndimage.maximum_filter(x, _QY_WIN, mode="nearest")
-                     == ndimage.minimum_filter(x, _QY_WIN, mode="nearest"))[r:-r, r:-r]
-        self.var = np.where(self.flat, 0.0, _gauss_valid(x * x) - self.mu_sq)
+        self.flat = (cv2.dilate(x, _QY_BOX) == cv2.erode(x, _QY_BOX))[r:-r, r:-r]
+        mu_sq = self.mu * self.mu
+        self.var = _gauss_valid(cv2.multiply(x, x, dtype=cv2.CV_16U))
+        self.var -= mu_sq
+        self.var[self.flat] = 0.0
+        # mu^2 + C1/2 and var + C2/2: the SSIM denominators' terms, constants halved (_ssim_map)
+        mu_sq += _QY_C1 / 2
+        self.mu_sq_c = mu_sq
+        self.var_c = self.var + _QY_C2 / 2
 
 
 def _ssim_map(p: _LocalMoments, q: _LocalMoments) -> np.ndarray:
-    """SSIM map of two images, Wang et al. 2004 Eq. (13) with C1 = C2 = 2e-16 (Yang 2008)."""
+    """SSIM map of two images, Wang et al. 2004 Eq. (13) with C1 = C2 = 2e-16 (Yang 2008).
+
+    ((2 mu_pq + C1)(2 cov + C2)) / ((mu_p^2 + mu_q^2 + C1)(var_p + var_q + C2)), in place, with
+    the constants halved into per-image terms (``mu_sq_c``, ``var_c``) and the factor 4 applied
+    last, which saves passes over the band and moves the result by ~1e-16.
+    """
     mu_pq = p.mu * q.mu
-    cov = np.where(p.flat | q.flat, 0.0, _gauss_valid(p.x * q.x) - mu_pq)
-    return (((2.0 * mu_pq + _QY_C1) * (2.0 * cov + _QY_C2))
-            / ((p.mu_sq + q.mu_sq + _QY_C1) * (p.var + q.var + _QY_C2)))
+    cov = _gauss_valid(cv2.multiply(p.x, q.x, dtype=cv2.CV_16U))
+    cov -= mu_pq
+    cov[p.flat | q.flat] = 0.0
+    cov += _QY_C2 / 2
+    mu_pq += _QY_C1 / 2
+    cov *= mu_pq
+    den = p.mu_sq_c + q.mu_sq_c
+    den *= p.var_c + q.var_c
+    cov /= den
+    cov *= 4.0
+    return cov
 
 
 def _q_y_band(srcs: list[np.ndarray], f: np.ndarray) -> float:
     """Sum of Yang's quality map over the 'valid' windows of one band of rows."""
-    mom = [_LocalMoments(s.astype(np.float64)) for s in srcs]
-    mom_f = _LocalMoments(f.astype(np.float64))
+    mom = [_LocalMoments(s) for s in srcs]
+    mom_f = _LocalMoments(f)
     # Redundant windows (Yang 2008, first case of Q_Y): the sources are similar,
     # SSIM(A, B) >= 0.75; with N sources: every pair of sources is similar (min over pairs).
     ssim_src = None
     for i, j in combinations(range(len(mom)), 2):
         m = _ssim_map(mom[i], mom[j])
-        ssim_src = m if ssim_src is None else np.minimum(ssim_src, m)
+        ssim_src = m if ssim_src is None else np.minimum(ssim_src, m, out=ssim_src)
     similar = ssim_src >= _QY_THRESHOLD
     # Local weights lambda_n = sigma_n^2 / sum sigma^2 (Yang 2008); where all variances are
     # exactly 0 the survey adds 0.5 to each (equal weights), i.e. 1/N here.
-    var_sum = mom[0].var
+    var_sum = mom[0].var.copy()
     for m in mom[1:]:
-        var_sum = var_sum + m.var
+        var_sum += m.var
     no_var = var_sum == 0
-    var_sum = np.where(no_var, 1.0, var_sum)
+    var_sum[no_var] = 1.0
     weighted = np.zeros_like(var_sum)
     best = None
     for m in mom:
         sf = _ssim_map(m, mom_f)
-        weighted += np.where(no_var, 1.0 / len(mom), m.var / var_sum) * sf
-        best = sf if best is None else np.maximum(best, sf)
-    return float(np.sum(np.where(similar, weighted, best)))
+        lam = m.var / var_sum
+        lam[no_var] = 1.0 / len(mom)
+        lam *= sf
+        weighted += lam
+        best = sf if best is None else np.maximum(best, sf, out=best)
+    np.copyto(best, weighted, where=similar)
+    return float(np.sum(best, dtype=np.float64))
 
 
 def _q_y(srcs: list[np.ndarray], f: np.ndarray) -> float:
@@ -334,30 +434,47 @@ def _normalize255(x: np.ndarray) -> np.ndarray:
     return _round_half_away(((x - lo) / (hi - lo)) * 255.0)
 
 
+def _normalize_u8(x: np.ndarray) -> np.ndarray:
+    """:func:`_normalize255` of a uint8 grey image, as uint8: the 256 possible levels are
+    scaled once (the same double arithmetic) and looked up."""
+    lo, hi = cv2.minMaxLoc(x)[:2]
+    if hi == lo:
+        return np.zeros_like(x)
+    return _normalize255(np.arange(256, dtype=np.float64).clip(lo, hi)).astype(np.uint8)[x]
+
+
 def _entropy_bits(p: np.ndarray) -> float:
     """Shannon entropy in bits of a probability array (zeros contribute nothing)."""
     p = p[p > 0]
     return float(0.0 - np.sum(p * np.log2(p)))
 
 
-def _mi_terms(x: np.ndarray, f: np.ndarray) -> tuple[float, float, float]:
-    """Mutual information I(X;F), H(X), H(F) in bits from the 256x256 joint histogram."""
-    xi = x.astype(np.int64).ravel()
-    fi = f.astype(np.int64).ravel()
-    joint = np.bincount(xi * 256 + fi, minlength=256 * 256).astype(np.float64)
-    joint /= joint.sum()
-    joint = joint.reshape(256, 256)
+def _joint_histogram(x: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """256 x 256 joint histogram (float64 counts) of two uint8 images, rows indexed by ``x``.
+
+    OpenCV counts in float32, exact below 2^24 per bin; larger images use ``np.bincount``.
+    """
+    if x.size < 1 << 24:
+        return cv2.calcHist([x, f], [0, 1], None, [256, 256], [0, 256, 0, 256]).astype(np.float64)
+    codes = x.ravel().astype(np.int32) * 256 + f.ravel()
+    return np.bincount(codes, minlength=256 * 256).astype(np.float64).reshape(256, 256)
+
+
+def _mi_terms(x: np.ndarray, f: np.ndarray, h_f: float) -> tuple[float, float]:
+    """Mutual information I(X;F) and H(X) in bits from the 256x256 joint histogram; H(F) given."""
+    joint = _joint_histogram(x, f)
+    joint /= x.size
     h_x = _entropy_bits(joint.sum(axis=1))
-    h_f = _entropy_bits(joint.sum(axis=0))
     h_xf = _entropy_bits(joint.ravel())
-    return h_x + h_f - h_xf, h_x, h_f
+    return h_x + h_f - h_xf, h_x
 
 
 def _q_mi(srcs: list[np.ndarray], f: np.ndarray) -> float:
-    f8 = _normalize255(f)
+    f8 = _normalize_u8(f)
+    h_f = _entropy_bits(np.bincount(f8.ravel(), minlength=256) / f8.size)
     total = 0.0
     for s in srcs:
-        mi, h_s, h_f = _mi_terms(_normalize255(s), f8)
+        mi, h_s = _mi_terms(_normalize_u8(s), f8, h_f)
         # Hossny 2008: MI normalised by the two marginal entropies; 0 when both are constant.
         total += mi / (h_s + h_f) if h_s + h_f > 0 else 0.0
     # 2 [I(A,F)/(H(A)+H(F)) + I(B,F)/(H(B)+H(F))] for N = 2; 2 * (2/N) * sum for N sources.
@@ -440,12 +557,12 @@ def _masked_contrast(x: np.ndarray, sd_half: np.ndarray) -> np.ndarray:
 
 def _q_cb(srcs: list[np.ndarray], f: np.ndarray) -> float:
     sd_half = _csf_response(f.shape)
-    c_f = _masked_contrast(_normalize255(f), sd_half)
+    c_f = _masked_contrast(_normalize_u8(f).astype(np.float64), sd_half)
     num = np.zeros_like(c_f)       # sum_n C_n^2 Q_{S_n F}
     sal_sum = np.zeros_like(c_f)   # sum_n C_n^2
     q_sum = np.zeros_like(c_f)     # sum_n Q_{S_n F}, for the equal-weight fallback
     for s in srcs:
-        c_s = _masked_contrast(_normalize255(s), sd_half)
+        c_s = _masked_contrast(_normalize_u8(s).astype(np.float64), sd_half)
         with np.errstate(divide="ignore", invalid="ignore"):
             # Contrast preservation Q_{SF}: the smaller masked contrast over the larger.
             q_sf = np.where(c_s < c_f, c_s / c_f, c_f / c_s)
@@ -595,26 +712,30 @@ def entropy(img: np.ndarray) -> float:
 # everything at once
 # --------------------------------------------------------------------------------------------
 
+_FUSION_METRICS = {"q_g": _q_g, "q_y": _q_y, "q_mi": _q_mi, "q_cb": _q_cb}
+
+
 def evaluate(sources: Sequence[np.ndarray], fused: np.ndarray,
-             truth: np.ndarray | None = None) -> dict[str, float]:
-    """All fusion metrics of one fused image, converting to grey once.
+             truth: np.ndarray | None = None,
+             keys: Sequence[str] = ("q_g", "q_y", "q_mi", "q_cb")) -> dict[str, float]:
+    """Fusion metrics of one fused image, converting every image to grey once.
 
     Args:
         sources: N >= 2 source images (H, W) or (H, W, C).
         fused: the fused image, same H, W.
         truth: optional ground-truth all-in-focus image, same shape and dtype as ``fused``.
+        keys: which of ``q_g``, ``q_y``, ``q_mi``, ``q_cb`` to compute (the pipeline scores
+            ``q_g``, ``q_y``, ``q_mi``; Q_CB's frequency-domain filtering costs as much as the
+            three together).
 
     Returns:
-        ``{"q_g", "q_y", "q_mi", "q_cb"}`` as floats, plus ``"psnr"`` and ``"ssim"`` when
-        ``truth`` is given.
+        ``{key: value}`` as floats, plus ``"psnr"`` and ``"ssim"`` when ``truth`` is given.
     """
+    unknown = set(keys) - set(_FUSION_METRICS)
+    if unknown:
+        raise ValueError(f"unknown metric(s) {sorted(unknown)}; choose from {sorted(_FUSION_METRICS)}")
     srcs, f = _prepare(sources, fused)
-    out = {
-        "q_g": _q_g(srcs, f),
-        "q_y": _q_y(srcs, f),
-        "q_mi": _q_mi(srcs, f),
-        "q_cb": _q_cb(srcs, f),
-    }
+    out = {key: _FUSION_METRICS[key](srcs, f) for key in keys}
     if truth is not None:
         out["psnr"] = psnr(truth, fused)
         out["ssim"] = ssim(truth, fused)

@@ -14,17 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import numpy as np
 
-from ray_mff import io, manifest, storage, zstack
+from ray_mff import io, manifest, sinks, storage, zstack
 from ray_mff.align import AlignedPlanes, AlignOptions, align_stack
 from ray_mff.errors import EmptyStackError, MFFError
-from ray_mff.fusion.result import FusionResult
 from ray_mff.stacks import Stack
 
 log = logging.getLogger("ray_mff")
 
-DECISION_MAP_DIR = "decision_maps"
 
 
 @dataclass
@@ -58,6 +55,9 @@ class RunSummary:
     failed: int = 0
     rows: list[dict] = field(default_factory=list)
     keep_rows: int = 1000
+    # Fraction of the fusion engines' time spent fusing (sum of fuse_s over the engines' wall
+    # time); None when nothing was fused. Low on a GPU run: the CPU stages do not keep it fed.
+    engine_busy: float | None = None
     _sums: dict = field(default_factory=dict, repr=False)
 
     def record(self, row: dict) -> None:
@@ -101,11 +101,6 @@ def source_fingerprint(stack: Stack) -> str:
     return h.hexdigest()[:16]
 
 
-def output_uri_for(output_root: str, stack_id: str, image: np.ndarray | None, fmt: str | None) -> str:
-    ext = f".{fmt.lower().lstrip('.')}" if fmt else (io.default_extension(image) if image is not None else ".png")
-    return storage.join_uri(output_root, f"{stack_id}{ext}")
-
-
 def _base_row(stack: Stack, fuser_name: str) -> dict:
     row = manifest.empty_row()
     row.update(
@@ -119,34 +114,11 @@ def _base_row(stack: Stack, fuser_name: str) -> dict:
     return row
 
 
-def _decision_map_image(result: FusionResult, n: int) -> np.ndarray | None:
-    """8-bit picture of the decision: D for pairs, the source index scaled to 0..255 otherwise.
-
-    Huge tiled results carry only the index map (no (H, W, N) weights); pairs then show it too.
-    """
-    if result.weights is not None and n == 2:
-        return np.clip(np.rint(result.weights[..., 0] * 255), 0, 255).astype(np.uint8)
-    index = result.index_map
-    if index is None:
-        return None
-    if n == 2:  # index 0 = first source in focus, shown white like D = 1
-        return np.where(index == 0, 255, 0).astype(np.uint8)
-    return np.rint(index.astype(np.float32) * (255.0 / (n - 1))).astype(np.uint8)
-
-
-def _score(images: list[np.ndarray], fused: np.ndarray, opts: RunOptions) -> dict:
-    if not opts.compute_metrics or fused.shape[0] * fused.shape[1] > opts.metrics_max_pixels:
-        return {}
-    from ray_mff import metrics
-
-    scores = {"q_g": metrics.q_g(images, fused), "q_mi": metrics.q_mi(images, fused)}
-    if len(images) <= opts.q_y_max_sources:
-        scores["q_y"] = metrics.q_y(images, fused)
-    return scores
-
-
 def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> dict:
-    """Read, fuse, write and score one stack; return its manifest row (status ok or error)."""
+    """Read, fuse, write and score one stack; return its manifest row (status ok or error).
+
+    The row carries the seconds of each stage (``read_s``, ``fuse_s``, ``write_s``, ``score_s``).
+    """
     t0 = time.perf_counter()
     row = _base_row(stack, getattr(fuser, "name", str(fuser)))
     try:
@@ -161,12 +133,17 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
                 row["warning"] = None  # discovery saw one file; it holds a whole stack
             row["warning"] = "; ".join(w for w in (row["warning"], src.note) if w) or None
             out_uri = storage.join_uri(output_root, stack.id + src.output_extension(opts.output_format))
+            # planes are read lazily (ray_mff.planes): read_s is opening the stack, fuse_s includes
+            # reading its pixels
+            t1 = time.perf_counter()
+            row["read_s"] = round(t1 - t0, 4)
             if src.n_planes == 1:
                 # Nothing to fuse: pass the image through so the archive stays complete, and say so.
                 io.write_fused(out_uri, src.assemble([planes[0] for _, planes in src.groups]), src.axes,
                                metadata=src.meta, family=src.family)
                 row.update(status=manifest.STATUS_OK, output_uri=out_uri, engine="none",
-                           warning=row["warning"] or "one-image stack passed through unfused")
+                           warning=row["warning"] or "one-image stack passed through unfused",
+                           write_s=round(time.perf_counter() - t1, 4))
             else:
                 # one fused plane per (T, C) group; planes stream from storage (ray_mff.planes)
                 result, fused, index_maps, images, alignment = None, [], [], None, None
@@ -183,22 +160,23 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
                     result = result or r
                     fused.append(r.fused)
                     index_maps.append(r.index_map if opts.depth_map else None)
+                t2 = time.perf_counter()
                 io.write_fused(out_uri, src.assemble(fused), src.axes, metadata=src.meta, family=src.family)
                 row.update(status=manifest.STATUS_OK, output_uri=out_uri,
                            engine=result.stats.get("engine"), precision=result.stats.get("precision"),
-                           calibration=result.stats.get("calibration"))
+                           calibration=result.stats.get("calibration"), fuse_s=round(t2 - t1, 4))
                 if opts.save_decision_maps:
-                    dmap = _decision_map_image(result, len(images))
-                    if dmap is not None:
-                        dm_uri = storage.join_uri(output_root, DECISION_MAP_DIR, f"{stack.id}.png")
-                        io.write_image(dm_uri, dmap)
-                        row["decision_map_uri"] = dm_uri
+                    row["decision_map_uri"] = sinks.write_decision_map(
+                        output_root, stack.id, sinks.decision_map_image(result, len(images)))
                 if opts.depth_map and all(m is not None for m in index_maps):
                     from ray_mff.depth_map import write_depth_maps
 
                     row["depth_map_uri"] = write_depth_maps(output_root, stack.id, src, index_maps)["depth"]
+                t3 = time.perf_counter()
+                row["write_s"] = round(t3 - t2, 4)
                 if src.nbytes <= zstack.EAGER_STACK_BYTES:  # scores hold every source: not for deep stacks
-                    row.update(_score(list(images), result.fused, opts))
+                    row.update(sinks.score(list(images), result.fused, opts))
+                    row["score_s"] = round(time.perf_counter() - t3, 4)
     except MFFError as err:
         row.update(status=manifest.STATUS_ERROR, error=str(err))
     except Exception as err:  # an unexpected failure on one stack must not stop the archive run
@@ -274,9 +252,12 @@ def run_local(
     run_id = run_id or manifest.new_run_id()
     todo, skipped = plan_run(stacks, output_root, opts)
     summary = RunSummary(run_id=run_id, output=output_root, skipped=len(skipped))
+    started, busy = time.perf_counter(), 0.0
     with manifest.ManifestWriter(output_root, run_id) as writer:
         for stack in _progress(todo, progress):
             row = writer.add(process_stack(stack, fuser, output_root, opts))
+            busy += row.get("fuse_s") or 0.0
+            summary.engine_busy = busy / max(time.perf_counter() - started, 1e-9) if busy else None
             summary.record(row)
             if not (progress and sys.stderr.isatty()):
                 log.info("%s %s %.2fs", row["stack_id"], row["status"], row["seconds"])

@@ -184,7 +184,7 @@ def test_tile_size_option_and_decision_maps(tmp_path: Path):
 
 def test_decision_map_picture_from_index_only_result():
     from ray_mff.fusion.result import FusionResult
-    from ray_mff.runner import _decision_map_image
+    from ray_mff.sinks import decision_map_image as _decision_map_image
 
     class IndexOnly(FusionResult):  # what a huge tiled result carries: no (H, W, N) weights
         @property

@@ -214,7 +214,9 @@ def test_two_sources_equal_the_published_pairwise_formula(name, flat_patch):
     a, b, f = synthetic_pair(flat_patch=flat_patch)
     want = REFERENCE[name](_grey(a.astype(float)), _grey(b.astype(float)), _grey(f.astype(float)))
     got = getattr(metrics, name)([a, b], f)
-    assert got == pytest.approx(want, rel=1e-9, abs=1e-9)
+    # Q_G's per-pixel terms are float32 (integer gradients exact, the rest rounds ~6e-8), for speed.
+    tol = 1e-7 if name == "q_g" else 1e-9
+    assert got == pytest.approx(want, rel=tol, abs=tol)
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -253,7 +255,7 @@ def test_identical_sources_and_fusion_score_the_maximum():
     assert r["q_cb"] == pytest.approx(1.0, abs=1e-12)
     # Q_G's sigmoids saturate below 1: Gamma_g / (1 + e^{k_g (1 - sigma_g)}) * Gamma_a / (...).
     q_g_max = 0.9994 / (1 + math.exp(-15 * 0.5)) * 0.9879 / (1 + math.exp(-22 * 0.2))
-    assert r["q_g"] == pytest.approx(q_g_max, abs=1e-12)
+    assert r["q_g"] == pytest.approx(q_g_max, abs=1e-7)  # Q_G's per-pixel terms are float32
 
 
 def test_flat_windows_have_exactly_zero_variance():
@@ -280,12 +282,13 @@ def test_dtypes_share_the_8bit_grey_scale():
     for conv in (lambda x: x.astype(np.uint16) * 257, lambda x: (x / 255.0).astype(np.float32)):
         got = metrics.evaluate([conv(a), conv(b)], conv(f))
         for m in METRICS:
-            assert got[m] == pytest.approx(want[m], abs=1e-12), m
+            assert got[m] == pytest.approx(want[m], abs=1e-12 if m != "q_g" else 1e-9), m
     # grey input equals the rgb2gray of colour input
     grey = [_grey(x.astype(float)).astype(np.uint8) for x in (a, b, f)]
     got = metrics.evaluate(grey[:2], grey[2])
     for m in METRICS:
-        assert got[m] == pytest.approx(want[m], abs=1e-12), m
+        # Q_G: float32 terms whose last bit may depend on memory alignment (SIMD vs scalar tails)
+        assert got[m] == pytest.approx(want[m], abs=1e-12 if m != "q_g" else 1e-9), m
 
 
 def test_psnr_and_ssim_against_ground_truth():

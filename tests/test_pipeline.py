@@ -332,7 +332,12 @@ def test_resources_follow_the_method_and_the_cluster():
     gpu_cluster, cpu_cluster = {"CPU": 16.0, "GPU": 4.0}, {"CPU": 8.0}
     kw = dict(num_actors=None, num_cpus_per_actor=1.0, num_gpus_per_actor=None)
     strategy, gpus, actors = plan_resources({"name": "cascade", "engine": "auto"}, gpu_cluster, **kw)
-    assert (gpus, actors) == (1.0, 4) and strategy.min_size == strategy.max_size == 4
+    # an autoscaling pool: starts with one actor, grows to one per GPU
+    assert (gpus, actors) == (1.0, 4) and (strategy.min_size, strategy.max_size) == (1, 4)
+    fixed = plan_resources({"name": "cascade"}, gpu_cluster, **{**kw, "num_actors": 3})[0]
+    assert fixed.min_size == fixed.max_size == 3
+    grow = plan_resources({"name": "cascade"}, cpu_cluster, num_gpus_per_actor=1.0, min_actors=2, max_actors=8)
+    assert (grow[0].min_size, grow[0].max_size, grow[1]) == (2, 8, 1.0)
     assert plan_resources({"name": "guided"}, gpu_cluster, **kw)[1:] == (0.0, 16)
     assert plan_resources({"name": "cascade", "engine": "auto"}, cpu_cluster, **kw)[1:] == (0.0, 8)
     # An autoscaling cluster with no GPU worker up yet: ask for GPUs and the autoscaler adds nodes.
@@ -349,3 +354,93 @@ def test_output_inside_input_is_not_fused_again(tmp_path, capsys):
     assert cli.main(args) == 0
     assert "0 fused, 2 skipped, 0 failed" in capsys.readouterr().out
     assert sorted(_read_manifest(str(tmp_path / "archive" / "fused")).stack_id) == ids
+
+
+def test_staged_pipeline_pool_starts_below_its_maximum(ray_session, tmp_path):
+    """read tasks -> an autoscaling fusion pool (min 1, max 8 on a 2-CPU Ray: a fixed pool of 8 could
+    never start) -> write/score tasks; rows carry each stage's seconds and the summary the engine's
+    busy fraction; a stack over the pixel budget takes the whole-stack path; bad stacks are error rows."""
+    from ray_mff.pipeline import StageResources, run_pipeline
+    from ray_mff.runner import RunOptions
+    from ray_mff.stacks import discover_stacks
+
+    class SlowCopyFuser:  # defined here so that Ray pickles it by value for its workers
+        """A stand-in fuser: the first source, after a pause (no engine needed)."""
+
+        name = "copy"
+
+        def fuse(self, images):
+            from ray_mff.fusion.result import FusionResult
+
+            time.sleep(0.05)
+            return FusionResult(np.asarray(images[0]), None, self.name, {"engine": "none-test"})
+
+    ids = _good_stacks(tmp_path / "in", 5, size=48)
+    big, _, _ = render_focus_stack(_texture(96, 96, 11), 3, seed=11, dtype=np.uint8)
+    for j, img in enumerate(big):
+        io.write_image(str(tmp_path / "in" / "big" / f"big_{j}.png"), img)
+    (tmp_path / "in" / "bad").mkdir()
+    (tmp_path / "in" / "bad" / "bad_A.png").write_bytes(b"not a png")
+    io.write_image(str(tmp_path / "in" / "bad" / "bad_B.png"), big[0][:48, :48])
+    seen = []
+    summary = run_pipeline(discover_stacks(str(tmp_path / "in")), {"name": "copy"}, str(tmp_path / "out"),
+                           RunOptions(save_decision_maps=True), min_actors=1, max_actors=8, batch_size=2,
+                           resources=StageResources(pixel_budget=3 * 64 * 64), fuser_factory=SlowCopyFuser,
+                           on_row=seen.append)
+    assert (summary.fused, summary.failed) == (6, 1) and len(seen) == 7
+    # the pool ran on what 2 CPUs hold (a fixed pool of 8 one-CPU actors could never start)
+    assert 1 <= len({r["_actor"] for r in seen if r.get("_actor")}) < 8
+    df = _read_manifest(str(tmp_path / "out")).set_index("stack_id")
+    assert df.loc["bad", "status"] == "error" and "bad_A.png" in df.loc["bad", "error"]
+    ok = df[df.status == "ok"]
+    assert sorted(ok.index) == sorted(ids + ["big"]) and (ok.method == "copy").all()
+    for col in ("read_s", "fuse_s", "write_s", "score_s"):
+        assert (ok[col] >= 0).all(), col
+    assert (ok.q_g > 0).all() and ok.loc["big", "n_images"] == 3
+    assert 0 < summary.engine_busy <= 1
+    assert _images_under(str(tmp_path / "out")) == sorted(f"{i}.png" for i in ids + ["big"])
+
+
+def test_engine_that_cannot_start_ends_the_run_in_one_line(ray_session, tmp_path, capsys):
+    from ray_mff.errors import EngineUnavailableError
+    from ray_mff.pipeline import run_pipeline
+    from ray_mff.runner import RunOptions
+    from ray_mff.stacks import discover_stacks
+
+    class NoEngineFuser:
+        def __init__(self):
+            raise RuntimeError("no CUDA device: the stand-in engine needs one")
+
+    _good_stacks(tmp_path / "in", 2, size=32)
+    with pytest.raises(EngineUnavailableError) as err:
+        run_pipeline(discover_stacks(str(tmp_path / "in")), {"name": "copy"}, str(tmp_path / "out"), RunOptions(),
+                     num_actors=1, fuser_factory=NoEngineFuser)
+    assert "no CUDA device" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_engine_checked_on_the_driver_before_any_actor(tmp_path, capsys, monkeypatch):
+    """`--engine tensorrt` without TensorRT on a run whose workers are this machine: one line, exit 2."""
+    pytest.importorskip("onnxruntime")
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    _good_stacks(tmp_path / "in", 2, size=32)
+    code = cli.main(["fuse", str(tmp_path / "in"), str(tmp_path / "out"), "--method", "cascade",
+                     "--engine", "tensorrt", "--executor", "ray"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) >= 1 and "tensorrt" in err[-1].lower()
+    assert not any("Traceback" in line for line in err)
+
+
+def test_executor_auto_says_why(monkeypatch):
+    from ray_mff.cli import choose_executor
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # as in a fresh process with no Ray yet
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    assert choose_executor(20, {"name": "guided"}, "ray://head:10001")[0] == "ray"
+    executor, why = choose_executor(20, {"name": "guided"}, None, cores=2)
+    assert executor == "local" and "cores" in why
+    assert choose_executor(20, {"name": "guided"}, None, cores=16)[0] == "local"  # 20 x 0.3 s: not worth it
+    assert choose_executor(2000, {"name": "guided"}, None, cores=16)[0] == "ray"
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert choose_executor(3, {"name": "guided"}, None, cores=2) == ("ray", "RAY_ADDRESS is set")

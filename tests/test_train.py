@@ -78,3 +78,26 @@ def test_train_checkpoints_to_s3(s3_server, s3_bucket, ray_session, image_folder
         Bucket=s3_bucket, Prefix="runs/tiny_s3/")["Contents"]]
     assert any(k.endswith("/model.safetensors") and "/checkpoint_" in k for k in keys)
     assert (tmp_path / "tiny.safetensors").is_file()
+
+
+def test_batches_made_in_dataloader_workers_equal_the_inline_ones(image_folder):
+    """Decoding and synthesis off the training loop: 2 worker processes give the very batches the
+    loop made inline (step s, rank r always draws from default_rng([seed, s, r])), in step order,
+    for any generator of the make_batch(images, rng, cfg) form."""
+    from ray_mff.train.loader import synthetic_batches
+
+    uris = sorted(str(p) for p in image_folder.glob("*.png"))
+    steps = [(s, [uris[s % 4], uris[(s + 1) % 4]]) for s in range(5)]
+    cfg = {"seed": 3, "patch": 32}
+
+    def crops(images, rng, cfg):  # any generator: random crops and a random flag
+        y, x = rng.integers(0, 96 - cfg["patch"], 2)
+        stack = np.stack([im[y:y + cfg["patch"], x:x + cfg["patch"], 0] for im in images]).astype(np.float32)
+        return {"crops": stack, "flag": rng.random(1).astype(np.float32)}
+
+    inline = list(synthetic_batches(iter(steps), crops, cfg, rank=1, workers=0))
+    ahead = list(synthetic_batches(iter(steps), crops, cfg, rank=1, workers=2, prefetch=2))
+    assert [s for s, _ in ahead] == [s for s, _ in inline] == list(range(5))
+    for (_, a), (_, b) in zip(inline, ahead):
+        assert set(a) == {"crops", "flag"} and a["crops"].shape == (2, 32, 32)
+        assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)

@@ -26,6 +26,7 @@ The same code runs on a laptop (2 CPU workers) and a GPU cluster (``--use-gpu``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -68,6 +69,7 @@ DEFAULTS: dict[str, Any] = {
     "torch_threads": None,  # intra-op threads per worker (None: torch's default); 1 leaves cores to others
     "resume_file": None,  # one-file training state (ray_mff.train.resume_file): read to resume, rewritten at checkpoints
     "log_csv": None,  # append every report's metrics to this CSV (rank 0)
+    "data_workers": None,  # DataLoader processes making batches per training worker (None: 2 on GPU, else CPUs - 1)
 }
 
 
@@ -162,8 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     import ray.train
     import ray.train.torch
-    from ray_mff.io import read_image
     from ray_mff.models import build_model, load_weights, save_weights
+    from ray_mff.train.loader import step_uris, synthetic_batches
     from ray_mff.train.objectives import objective_for
 
     cfg = {**DEFAULTS, **config}
@@ -213,22 +215,22 @@ def train_loop_per_worker(config: dict) -> None:
     val = _validation_set(cfg, objective) if rank == 0 else None
 
     shard = ray.train.get_dataset_shard("train")
-    cache: dict[str, np.ndarray] = {}
     sums: dict[str, float] = {}
     count = 0
     step = start_step
     t0 = time.time()
     model.train()
-    while step < cfg["steps"]:
-        for batch in shard.iter_batches(batch_size=cfg["batch_size"], drop_last=True, batch_format="numpy"):
-            images = []
-            for uri in batch["uri"]:
-                uri = str(uri)
-                if uri not in cache:
-                    cache[uri] = read_image(uri, s3_endpoint=cfg["s3_endpoint"])
-                images.append(cache[uri])
-            rng = np.random.default_rng([cfg["seed"], step, rank])
-            b = {k: torch.from_numpy(v).to(device) for k, v in objective.make_batch(images, rng, cfg).items()}
+    # Decoding and pair synthesis run ahead of the loop in DataLoader workers (ray_mff.train.loader),
+    # so the GPU is not idle between steps; the batches are the same for any number of workers.
+    workers = cfg["data_workers"]
+    if workers is None:
+        workers = 2 if cfg["use_gpu"] else max(0, int(cfg["cpus_per_worker"]) - 1)
+    batches = synthetic_batches(step_uris(shard, cfg["batch_size"], start_step, cfg["steps"]), objective.make_batch,
+                                cfg, rank=rank, workers=workers, pin_memory=device.type == "cuda")
+    with contextlib.closing(batches):  # stops the DataLoader workers however the loop ends
+        for step_done, batch in batches:
+            assert step_done == step
+            b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, cfg)
             terms = objective.loss(model, b, cfg)
@@ -403,6 +405,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--num-workers", type=int, default=d["num_workers"], help="Ray Train workers")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument("--cpus-per-worker", type=float, default=d["cpus_per_worker"])
+    parser.add_argument("--data-workers", type=int, default=None,
+                        help="DataLoader processes decoding images and making pairs ahead of each training "
+                             "worker's loop (default: 2 with --use-gpu, else CPUs per worker - 1)")
     parser.add_argument("--storage-path", default=d["storage_path"], help="local folder or s3:// prefix for checkpoints")
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL[_S3])")
     parser.add_argument("--name", default=d["name"], help="run name; rerun with the same name to resume")
@@ -432,6 +437,7 @@ def config_from_args(args: argparse.Namespace) -> dict:
         "max_failures": args.max_failures, "export": args.export, "init_weights": args.init_weights,
         "torch_threads": args.torch_threads, "resume_file": _abs(args.resume_file), "log_csv": _abs(args.log_csv),
         "warmup_steps": args.warmup_steps,
+        "data_workers": args.data_workers,
     }
 
 
