@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_mff import manifest, storage
+from ray_mff import runner
 from ray_mff.runner import RunOptions, RunSummary, plan_run, process_stack
 from ray_mff.stacks import Stack
 
@@ -172,6 +173,56 @@ def plan_resources(
     return strategy, float(gpus), num_actors
 
 
+class AttemptLedger:
+    """Counts, per stack, the attempts that never ended: a worker that dies (OOM killer, segfault)
+    mid-stack leaves its stack begun and not ended. Ray Data restarts the actor and retries the
+    task; the retry fuses the stack once more, and a stack whose worker died twice becomes an
+    error row (``error_kind=resource``) instead of killing workers forever or failing the job.
+    Runs as a small Ray actor owned by the driver (it dies with the driver)."""
+
+    def __init__(self):
+        self.open: set[str] = set()
+        self.deaths: dict[str, int] = {}
+
+    def begin(self, stack_id: str) -> int:
+        if stack_id in self.open:
+            self.deaths[stack_id] = self.deaths.get(stack_id, 0) + 1
+        self.open.add(stack_id)
+        return self.deaths.get(stack_id, 0)
+
+    def end(self, stack_id: str) -> None:
+        self.open.discard(stack_id)
+
+
+class _LedgerClient:
+    """What :func:`ray_mff.runner.process_stack` calls (``begin``/``end``), picklable into actors."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def begin(self, stack_id: str) -> int:
+        import ray
+
+        return ray.get(self.handle.begin.remote(stack_id))
+
+    def end(self, stack_id: str) -> None:
+        self.handle.end.remote(stack_id)
+
+
+def _node_memory_budget(ray) -> int:
+    """80 % of the largest node's Ray memory resource (what an actor may declare)."""
+    sizes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(0.8 * max(sizes, default=0)) or runner.node_memory_budget()
+
+
+def _estimates(stacks: list[Stack]) -> list[int]:
+    """:func:`ray_mff.runner.estimate_stack_memory` of each stack, headers read 16 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(runner.estimate_stack_memory, stacks))
+
+
 def run_pipeline(
     stacks: list[Stack],
     fuser_spec: dict,
@@ -212,9 +263,10 @@ def run_pipeline(
     if s3_endpoint:
         storage.set_s3_endpoint(s3_endpoint)
     run_id = run_id or manifest.new_run_id()
-    todo, skipped = plan_run(stacks, output_root, opts)
-    summary = RunSummary(run_id=run_id, output=output_root, skipped=len(skipped))
-    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), len(skipped))
+    plan = runner.plan_stacks(stacks, output_root, opts)
+    todo = plan.todo
+    summary = runner.new_summary(plan, run_id, output_root)
+    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), len(plan.skipped))
     if not todo:
         return summary  # nothing to do: do not start (or connect to) Ray at all
 
@@ -225,6 +277,19 @@ def run_pipeline(
     endpoint = storage.effective_s3_endpoint(s3_endpoint)
     log.info("ray: %d fusion actors x (%g CPU, %g GPU), batch %d%s", actors, num_cpus_per_actor, gpus,
              batch_size, f"; S3 endpoint {_redact(endpoint)}" if endpoint else "")
+
+    # Memory: declare what the largest stack needs (from its header) so Ray does not pack more
+    # actors on a node than fit; stacks over a node's budget take the tiled path instead.
+    budget = _node_memory_budget(ray)
+    need = _estimates(todo)
+    todo = [Stack(st.id, st.uris, {**st.meta, "over_budget": True}) if n > budget else st
+            for st, n in zip(todo, need)]
+    actor_memory = min(max(need, default=0), budget)
+    # Deaths per stack: retried once, then an error row (see AttemptLedger).
+    import dataclasses
+
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    opts = dataclasses.replace(opts, attempt_ledger=_LedgerClient(ledger))
 
     # Small blocks: the driver sees (and flushes) rows a few stacks at a time, and the actors'
     # queues stay short, at a per-block overhead of a few ms against tens of ms per stack.
@@ -237,6 +302,8 @@ def run_pipeline(
 
     ds = ray.data.from_items([stack_to_item(s) for s in todo], override_num_blocks=blocks)
     remote_args = {"num_gpus": gpus} if gpus > 0 else {}
+    if actor_memory > 0:
+        remote_args["memory"] = int(actor_memory)
     ds = ds.map_batches(
         FusionActor,
         fn_constructor_kwargs={"fuser_spec": fuser_spec, "output_root": output_root, "opts": opts,
@@ -249,19 +316,34 @@ def run_pipeline(
         **remote_args,
     )
 
-    with manifest.ManifestWriter(output_root, run_id, flush_every=flush_every) as writer:
-        last_flush, parts = time.monotonic(), 0
+    writer = manifest.ManifestWriter(output_root, run_id, flush_every=flush_every, flush_seconds=flush_seconds,
+                                     first_seq=plan.first_seq)
+    stream = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+    try:
         # A stream: blocks of rows arrive as actors finish them; nothing is collected in Ray.
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for table in stream:
+            stop = None
             for row in table.to_pylist():
-                row = writer.add(row)  # stamped with this run's id
+                row = writer.add(row)  # stamped with this run's id and seq; flushed by count and time
                 summary.record(row)
                 if on_row:
                     on_row(row)
-            # Slow stacks (big images, big models): also flush on time, so a killed driver loses
-            # at most flush_seconds of recorded work.
-            if time.monotonic() - last_flush > flush_seconds:
-                writer.flush()
-            if len(writer.parts) != parts:
-                last_flush, parts = time.monotonic(), len(writer.parts)
+                if row.get("error_kind") == "storage" and stop is None:
+                    stop = runner.storage_lost(_row_stack(row), output_root)
+            if stop:
+                summary.stopped, summary.stop_reason = "storage", stop
+                log.error("storage unreachable: %s; stopping (the rerun finishes the work)", stop)
+                break
+            if runner.STOP:
+                summary.stopped = runner.STOP.signal
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        runner.finish_run(summary, writer)
     return summary
+
+
+def _row_stack(row: dict) -> Stack:
+    return Stack(row["stack_id"], tuple(row.get("source_uris") or ()), {})

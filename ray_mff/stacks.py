@@ -155,6 +155,7 @@ class _File:
     uri: str
     name: str
     size: int | None
+    version: str | None = None  # ETag or mtime from the listing (storage.FileEntry.version)
 
 
 def _folder_id(folder: str, root: str) -> str:
@@ -167,7 +168,8 @@ def _prefixed(folder: str, key: str) -> str:
 
 def _stray(folder: str, f: _File, reason: str) -> Stack:
     rel = f"{folder}/{f.name}" if folder else f.name
-    meta = {"layout": "file", "folder": folder, "indices": (), "sizes": (f.size,), "error": reason}
+    meta = {"layout": "file", "folder": folder, "indices": (), "sizes": (f.size,), "versions": (f.version,),
+            "error": reason}
     return Stack(safe_id(rel.replace("/", "__")), (f.uri,), meta)
 
 
@@ -179,6 +181,7 @@ def _make_stack(sid: str, folder: str, layout: str, pattern: str | None, members
         "folder": folder,
         "indices": tuple(i for i, _ in members),
         "sizes": tuple(f.size for _, f in members),
+        "versions": tuple(f.version for _, f in members),
     }
     if pattern:
         meta["pattern"] = pattern
@@ -308,15 +311,20 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
         raise EmptyStackError(root, "is a file; discovery needs a folder or prefix")
 
     entries, all_dirs = storage.walk(root, s3_endpoint=s3_endpoint)
+    # A sub-folder holding a ray-mff manifest is an earlier run's OUTPUT, not stacks to fuse.
+    outputs = {e.relpath.split("/manifest.parquet/", 1)[0] + "/" for e in entries
+               if "/manifest.parquet/" in e.relpath}
     by_folder: dict[str, list[_File]] = {}
     for entry in entries:
         parts = entry.relpath.split("/")
-        if any(p.startswith(".") for p in parts):
+        if any(p.startswith(".") for p in parts) or any(entry.relpath.startswith(o) for o in outputs):
             continue
-        by_folder.setdefault("/".join(parts[:-1]), []).append(_File(entry.uri, parts[-1], entry.size))
+        by_folder.setdefault("/".join(parts[:-1]), []).append(
+            _File(entry.uri, parts[-1], entry.size, entry.version))
 
     # Leaf folders with no (visible) file in them are empty stack folders.
-    dirs = [d for d in all_dirs if not any(p.startswith(".") for p in d.split("/"))]
+    dirs = [d for d in all_dirs if not any(p.startswith(".") for p in d.split("/"))
+            and not any((d + "/").startswith(o) for o in outputs)]
     parents = {d.rsplit("/", 1)[0] for d in dirs if "/" in d}
     for d in dirs:
         if d not in parents and d not in by_folder:
