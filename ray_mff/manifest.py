@@ -131,7 +131,9 @@ def read_manifest(output_root: str, columns: list[str] | None = None) -> pa.Tabl
 
 
 def _order_keys(table: pa.Table) -> list[tuple[str, str]]:
-    return [("stack_id", "ascending"), ("seq", "ascending"), ("finished_at", "ascending"), ("run_id", "ascending")]
+    # nulls first: rows of manifests older than ``seq`` sort before every sequenced row
+    return [("stack_id", "ascending", "at_start"), ("seq", "ascending", "at_start"),
+            ("finished_at", "ascending", "at_start"), ("run_id", "ascending", "at_start")]
 
 
 def _last_per_stack(table: pa.Table) -> pa.Table:
@@ -139,7 +141,7 @@ def _last_per_stack(table: pa.Table) -> pa.Table:
     ``seq`` sort first (nulls first), so they are older than any sequenced row."""
     if table.num_rows == 0:
         return table
-    table = table.take(pc.sort_indices(table, sort_keys=_order_keys(table), null_placement="at_start"))
+    table = table.take(pc.sort_indices(table, sort_keys=_order_keys(table)))
     sid = table["stack_id"]
     n = table.num_rows
     last = np.ones(n, dtype=bool)
@@ -206,7 +208,7 @@ def compact(output_root: str) -> tuple[int, str]:
     _, first = np.unique(key.to_numpy(zero_copy_only=False).astype(object), return_index=True)
     if len(first) < table.num_rows:
         table = table.take(pa.array(np.sort(first)))
-    table = table.take(pc.sort_indices(table, sort_keys=_order_keys(table), null_placement="at_start"))
+    table = table.take(pc.sort_indices(table, sort_keys=_order_keys(table)))
     gens = [int(m.group(1)) for m in (_GEN.search(p) for p in files) if m]
     uri = storage.join_uri(manifest_uri(output_root), f"gen-{max(gens, default=0) + 1:06d}.parquet")
     buf = io.BytesIO()

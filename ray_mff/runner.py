@@ -461,7 +461,7 @@ def plan_stacks(stacks: list[Stack], output_root: str, opts: RunOptions) -> Plan
     if latest is not None and latest.num_rows:
         cols = [latest[c].to_pylist() for c in manifest.PLAN_COLUMNS]
         rows = {c[0]: c[1:] for c in zip(*cols)}
-    present = _existing_outputs(output_root) if rows else set()
+    exists = _existing_outputs(output_root) if rows else None
     todo, skipped, reasons, waiting = [], [], {}, 0
     for stack in stacks:
         prev = rows.get(stack.id)
@@ -475,7 +475,7 @@ def plan_stacks(stacks: list[Stack], output_root: str, opts: RunOptions) -> Plan
             elif recipe != opts.recipe_id and opts.recipe_id is not None:
                 reason = "recipe changed"
             elif status == manifest.STATUS_OK:
-                if not (out_uri and (out_uri in present or storage.exists(out_uri))):
+                if not (out_uri and exists(out_uri)):
                     reason = "output missing"
             else:
                 kind = _kind_of(kind, error)
@@ -497,13 +497,26 @@ def plan_run(stacks: list[Stack], output_root: str, opts: RunOptions) -> tuple[l
     return plan.todo, plan.skipped
 
 
-def _existing_outputs(output_root: str) -> set[str]:
-    """Every file under the output root, from one listing: on an object store one LIST call per
-    1000 keys instead of one HEAD per stack (uris the listing spells differently fall back to a HEAD)."""
+def _existing_outputs(output_root: str) -> Callable[[str], bool]:
+    """``exists(uri)`` for outputs, from one names-only listing of the output root: on an object
+    store one LIST call per 1000 keys instead of one HEAD per stack, and a set of relative names
+    (not info dicts) in memory. Uris outside the root's spelling fall back to a HEAD."""
+    fs, path = storage.resolve(output_root)
+    prefix = path.rstrip("/") + "/"
     try:
-        return {entry.uri for entry in storage.list_files(output_root)}
+        if storage.is_remote(output_root):
+            storage._forget_listings(fs, path)
+        names = {p[len(prefix):] for p in fs.find(path) if p.startswith(prefix)}
     except OSError:
-        return set()
+        names = set()
+    spelled = storage.join_uri(output_root, "x")[:-1]  # the root as output uris spell it, with its separator
+
+    def exists(uri: str) -> bool:
+        if uri.startswith(spelled):
+            return uri[len(spelled):] in names
+        return storage.exists(uri)
+
+    return exists
 
 
 def _progress(items: list, enabled: bool) -> Iterable:

@@ -41,6 +41,7 @@ S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts
 S3FS_RETRIES = 2
 # The start-of-run check: one attempt, short timeouts, so a wrong endpoint is a setup error in
 # about a second instead of a traceback after 20 s of retries.
+MIN_FREE_BYTES = 64 * 1024  # a local OUTPUT with less free space than this counts as full
 PROBE_CONFIG = {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
@@ -339,6 +340,11 @@ def probe(uri: str, *, write: bool = False, s3_endpoint: str | None = None, time
             fs, path = resolve(uri, s3_endpoint=s3_endpoint)
             if not write and not fs.exists(path):
                 raise StorageUnavailable(uri, "no such folder")
+        if write and proto not in _S3_PROTOCOLS and os.path.isdir(path):
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize
+            if free < MIN_FREE_BYTES:  # a probe byte may still fit where no image does
+                raise StorageUnavailable(uri, f"no space left on device ({free // 1024} KiB free)")
         if write:
             name = f".ray-mff-probe-{secrets.token_hex(4)}"
             target = join_uri(path, name) if proto in _S3_PROTOCOLS else os.path.join(path, name)
