@@ -145,8 +145,9 @@ def main() -> None:
                 raise SystemExit(proc.returncode)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
         old = r.get("old_seconds")
-        print(f"{r['n']:>9}  {r['files']:>5}  {r['seconds']:>7.2f}  {r['peak_mib']:>12.0f}  "
-              f"{(f'{old:.2f}' if old else '-'):>12}  {(f'{old / r['seconds']:.1f}x' if old else '-'):>8}")
+        old_s = f"{old:.2f}" if old else "-"
+        ratio = f"{old / r['seconds']:.1f}x" if old else "-"
+        print(f"{r['n']:>9}  {r['files']:>5}  {r['seconds']:>7.2f}  {r['peak_mib']:>12.0f}  {old_s:>12}  {ratio:>8}")
 
 
 if __name__ == "__main__":

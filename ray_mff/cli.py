@@ -19,6 +19,8 @@ RAY_THRESHOLD = 16
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="ray-mff: %(message)s",
                         stream=sys.stderr)
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):  # "Found credentials in ..."
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _fmt(value, digits=4) -> str:
@@ -181,10 +183,10 @@ def run_fuse(args):
         raise SetupError(f"{args.output}: OUTPUT is INPUT; fused images would mix with the stacks "
                          f"(use a sub-folder such as {storage.join_uri(args.input, 'fused')})")
     storage.probe(args.input)
-    storage.probe(args.output, write=True)
     stacks = _outside(discover_stacks(args.input, pattern=args.pattern), args.output)
     if not stacks:
         return None
+    storage.probe(args.output, write=True)  # after discovery: a new OUTPUT inside INPUT is no empty stack
     spec = fuser_spec_from_args(args)
     opts = run_options_from_args(args)
     opts.recipe_id = recipe_id(spec, opts)

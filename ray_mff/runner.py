@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
+import pyarrow.compute as pc
 
 from ray_mff import io, lease, manifest, storage
 from ray_mff.errors import EmptyStackError, EngineUnavailableError, MFFError
@@ -278,7 +279,7 @@ def node_memory_budget() -> int:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
 
 
-def source_fingerprint(stack: Stack) -> str:
+def source_fingerprint(stack: Stack, keys: tuple[str, ...] = ("sizes", "versions", "mtimes")) -> str:
     """Identity of a stack's inputs: uris plus what the listing gave for free per file: size and
     version (the ETag on object stores, the mtime in ns on local disks). A plane replaced by other
     pixels of the same size still changes it.
@@ -286,15 +287,21 @@ def source_fingerprint(stack: Stack) -> str:
     A stack whose latest row failed on its input is retried only when this changes (the user fixed
     a file), so reruns neither repeat known failures nor add duplicate rows for them.
     """
-    h = hashlib.sha1()
+    parts = []
     for i, uri in enumerate(stack.uris):
-        h.update(uri.encode())
-        for key in ("sizes", "versions", "mtimes"):
+        parts.append(uri)
+        for key in keys:
             values = stack.meta.get(key)
             if values is not None and i < len(values):
-                h.update(f"|{values[i]}".encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+                parts.append(f"|{values[i]}")
+        parts.append("\n")
+    return hashlib.sha1("".join(parts).encode()).hexdigest()[:16]
+
+
+def legacy_fingerprint(stack: Stack) -> str:
+    """The fingerprint rows written before versions and recipes were recorded carry (names and
+    sizes): such rows still count as done after an upgrade instead of re-fusing the archive."""
+    return source_fingerprint(stack, ("sizes", "mtimes"))
 
 
 def output_uri_for(output_root: str, stack_id: str, image: np.ndarray | None, fmt: str | None) -> str:
@@ -453,13 +460,16 @@ def plan_stacks(stacks: list[Stack], output_root: str, opts: RunOptions) -> Plan
 
     The manifest is read column-wise (:func:`manifest.latest_table`): a million rows plan in seconds.
     """
-    latest = manifest.latest_table(output_root, manifest.PLAN_COLUMNS) if manifest._files(output_root)[1] else None
-    first_seq = manifest.next_seq(output_root) if latest is not None else 0
+    latest = manifest.latest_table(output_root, [*manifest.PLAN_COLUMNS, "seq"]) \
+        if manifest._files(output_root)[1] else None
+    # the newest row of each stack carries that stack's largest seq: their max is the manifest's
+    top = pc.max(latest["seq"]).as_py() if latest is not None and latest.num_rows else None
+    first_seq = 0 if top is None else int(top) + 1
     if opts.force:
         return Plan(list(stacks), [], {s.id: "forced" for s in stacks}, 0, first_seq)
     rows: dict = {}
     if latest is not None and latest.num_rows:
-        cols = [latest[c].to_pylist() for c in manifest.PLAN_COLUMNS]
+        cols = [latest[c].to_pylist() for c in [*manifest.PLAN_COLUMNS, "seq"]]
         rows = {c[0]: c[1:] for c in zip(*cols)}
     exists = _existing_outputs(output_root) if rows else None
     todo, skipped, reasons, waiting = [], [], {}, 0
@@ -469,10 +479,11 @@ def plan_stacks(stacks: list[Stack], output_root: str, opts: RunOptions) -> Plan
         if prev is None:
             reason = "new"
         else:
-            fingerprint, recipe, status, kind, error, out_uri = prev
-            if fingerprint != source_fingerprint(stack):
+            fingerprint, recipe, status, kind, error, out_uri, seq = prev
+            legacy = seq is None  # a row from before versions and recipes: its fingerprint is names + sizes
+            if fingerprint != (legacy_fingerprint(stack) if legacy else source_fingerprint(stack)):
                 reason = "input changed"
-            elif recipe != opts.recipe_id and opts.recipe_id is not None:
+            elif not legacy and opts.recipe_id is not None and recipe != opts.recipe_id:
                 reason = "recipe changed"
             elif status == manifest.STATUS_OK:
                 if not (out_uri and exists(out_uri)):
@@ -506,7 +517,12 @@ def _existing_outputs(output_root: str) -> Callable[[str], bool]:
     try:
         if storage.is_remote(output_root):
             storage._forget_listings(fs, path)
-        names = {p[len(prefix):] for p in fs.find(path) if p.startswith(prefix)}
+            names = {p[len(prefix):] for p in fs.find(path) if p.startswith(prefix)}
+        else:  # names only: no stat per file (fsspec's find stats each one)
+            names = set()
+            for d, _, files in os.walk(path):
+                sub = d[len(prefix):] + "/" if len(d) > len(path) else ""
+                names.update(sub + f for f in files)
     except OSError:
         names = set()
     spelled = storage.join_uri(output_root, "x")[:-1]  # the root as output uris spell it, with its separator
