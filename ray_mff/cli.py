@@ -204,7 +204,7 @@ def run_fuse(args):
                                 batch_size=args.batch_size, ray_address=args.ray_address,
                                 s3_endpoint=args.s3_endpoint, num_gpus_per_actor=args.gpus_per_actor,
                                 flush_every=args.flush_every)
-        return run_local(stacks, get_fuser(**spec), args.output, opts, run_id=run_id)
+        return run_local(stacks, lambda: get_fuser(**spec), args.output, opts, run_id=run_id)
 
 
 def _outside(stacks: list, output_root: str) -> list:

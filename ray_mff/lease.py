@@ -36,7 +36,7 @@ log = logging.getLogger("ray_mff")
 
 LOCK_NAME = ".ray-mff.lock"
 LEASE_NAME = ".ray-mff.lease"
-DEFAULT_TTL = 120.0
+DEFAULT_TTL = 30.0  # heartbeat every 10 s; a killed run blocks the next one for at most this long
 
 
 class LeaseHeld(RuntimeError):

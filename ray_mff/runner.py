@@ -604,12 +604,17 @@ def run_local(
     on_row: Callable[[dict], None] | None = None,
 ) -> RunSummary:
     """Fuse ``stacks`` one after another in this process (no Ray), flushing the manifest as it goes
-    (every ``opts.flush_every`` rows or ``opts.flush_seconds``). Stops early, flushing first, on
+    (every ``opts.flush_every`` rows or ``opts.flush_seconds``). ``fuser`` is a fuser or a
+    zero-argument factory of one (called only when something is to do). Stops early, flushing first, on
     SIGTERM/SIGINT (:data:`STOP`) or when a storage error turns out to be the storage gone."""
     run_id = run_id or manifest.new_run_id()
     plan = plan_stacks(stacks, output_root, opts)
     summary = new_summary(plan, run_id, output_root)
     todo = mark_over_budget(plan.todo, node_memory_budget()) if plan.todo else []
+    if todo and not hasattr(fuser, "fuse"):
+        # a factory: the method (an ONNX Runtime session, torch, their native thread pools) is
+        # built only when there is something to fuse; nothing-to-do reruns never load it
+        fuser = fuser()
     writer = manifest.ManifestWriter(output_root, run_id, flush_every=opts.flush_every,
                                      flush_seconds=opts.flush_seconds, first_seq=plan.first_seq)
     try:
