@@ -498,3 +498,23 @@ def test_trainer_filesystem_carries_no_keys(monkeypatch):
     fs, _ = storage_filesystem("s3://bucket/runs", "http://127.0.0.1:9000")
     blob = pickle.dumps(fs)
     assert b"AKIADRIVERKEY0000001" not in blob and b"driver-secret-never-shipped" not in blob
+
+
+# --------------------------------------------------------------------------------- the run report
+
+
+def test_report_page_counts_failures_and_thumbnails(tmp_path, capsys):
+    ids = _stacks(tmp_path / "in", 2)
+    for name in ("b1", "b2"):
+        (tmp_path / "in" / name).mkdir()
+        (tmp_path / "in" / name / f"{name}_A.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+        io.write_image(str(tmp_path / "in" / name / f"{name}_B.png"), np.zeros((64, 64, 3), np.uint8))
+    out = tmp_path / "out"
+    assert _fuse(tmp_path / "in", out, "--save-decision-maps") == 1
+    assert cli.main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "2 ok" in page and "2 failed (2 input)" in page
+    assert "corrupt PNG" in page and "b1, b2" in page  # one reason, both stacks, file names left out
+    assert page.count("data:image/png") == 2 * len(ids)  # fused image + decision map per ok stack
+    sheet = io.read_image(str(out / "report.png"))
+    assert sheet.ndim == 3 and sheet.shape[1] > 300
