@@ -7,7 +7,9 @@ For each size N, in a fresh subprocess (so peak RSS is that size's own):
   files of 32 rows (the last runs' flushes; k = 32);
 - INPUT is N stacks (Stack objects with sizes and versions, as discovery gives them), all done;
 - timed: ``runner.plan_stacks`` (read the manifest's plan columns through pyarrow.dataset, newest
-  row per stack, one names-only listing of OUTPUT, the per-stack decision), and peak RSS.
+  row per stack, one names-only listing of OUTPUT, the per-stack decision), and peak RSS of the
+  measuring process (built in another one), next to the RSS of the N Stack objects alone
+  ("stacks MiB": what discovery hands any planner).
 
 Baseline in the same run: the previous planner's way of reading (every part opened one at a time,
 rows into Python dicts, newest-row loop) on the same manifest, at the sizes it finishes in
@@ -87,7 +89,7 @@ def measure(root: Path, n: int, baseline: bool) -> dict:
     from ray_mff import manifest
     from ray_mff.runner import RunOptions, plan_stacks
 
-    stacks = [stack(i) for i in range(n)]
+    stacks = [stack(i) for i in range(n)]  # what discovery hands the planner
     before = _rss_mib()
     t0 = time.perf_counter()
     plan = plan_stacks(stacks, str(root / "out"), RunOptions(recipe_id="recipe"))
@@ -131,15 +133,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         root, n = Path(args.child[0]), int(args.child[1])
-        build(root, n)
+        if not (root / "out").exists():
+            build(root, n)
+            return
         print(json.dumps(measure(root, n, n <= args.baseline_max)))
         return
-    print(f"{'rows':>9}  {'files':>5}  {'plan s':>7}  {'peak RSS MiB':>12}  {'old reader s':>12}  {'speed-up':>8}")
+    print(f"{'rows':>9}  {'files':>5}  {'plan s':>7}  {'stacks MiB':>10}  {'peak RSS MiB':>12}  {'old reader s':>12}  "
+          f"{'speed-up':>8}")
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="mff-bench-manifest-") as tmp:
             env = {**os.environ, "PYTHONPATH": str(REPO)}
-            proc = subprocess.run([sys.executable, __file__, "--child", tmp, str(n), "--baseline-max",
-                                   str(args.baseline_max)], env=env, capture_output=True, text=True, check=False)
+            cmd = [sys.executable, __file__, "--child", tmp, str(n), "--baseline-max", str(args.baseline_max)]
+            subprocess.run(cmd, env=env, check=True)  # build, in its own process
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # measure
             if proc.returncode:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(proc.returncode)
@@ -147,7 +153,8 @@ def main() -> None:
         old = r.get("old_seconds")
         old_s = f"{old:.2f}" if old else "-"
         ratio = f"{old / r['seconds']:.1f}x" if old else "-"
-        print(f"{r['n']:>9}  {r['files']:>5}  {r['seconds']:>7.2f}  {r['peak_mib']:>12.0f}  {old_s:>12}  {ratio:>8}")
+        print(f"{r['n']:>9}  {r['files']:>5}  {r['seconds']:>7.2f}  {r['peak_mib'] - r['added_mib']:>10.0f}  "
+              f"{r['peak_mib']:>12.0f}  {old_s:>12}  {ratio:>8}")
 
 
 if __name__ == "__main__":
