@@ -117,8 +117,23 @@ def _files(output_root: str):
 
 
 def _dataset(fs, files: list[str]) -> pads.Dataset:
-    # The explicit schema is the schema evolution: a column an old part lacks reads as nulls.
-    return pads.dataset(files, schema=SCHEMA, format="parquet", filesystem=fs)
+    """The manifest files as one dataset. The explicit schema is the schema evolution: a column an
+    old part lacks reads as nulls.
+
+    Local manifests are read with pyarrow's own filesystem; others through fsspec with
+    ``pre_buffer=False``. Why: with Python file objects, Arrow's read-ahead cache keeps Python
+    buffers alive in futures that its I/O threads release later; one released during interpreter
+    shutdown calls PyGILState_Ensure, the thread is unwound by pthread_exit through a noexcept
+    destructor and the process aborts (``terminate called without an active exception``, exit 134:
+    caught under gdb on nothing-to-do reruns, stack in docs/reliability.md)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        import pyarrow.fs as pafs
+
+        return pads.dataset(files, schema=SCHEMA, format="parquet", filesystem=pafs.LocalFileSystem())
+    fmt = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+    return pads.dataset(files, schema=SCHEMA, format=fmt, filesystem=fs)
 
 
 def read_manifest(output_root: str, columns: list[str] | None = None) -> pa.Table:
