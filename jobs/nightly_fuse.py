@@ -18,7 +18,9 @@ every behaviour (the same argument parser, :func:`ray_mff.cli.run_fuse`, the sam
 - *bad stacks* become error rows naming the file and the reason; the job carries on, and does not
   retry them until their inputs change.
 
-Exit code: 0 when every stack was fused or skipped, 1 when some failed, 2 on a usage/setup error.
+Exit code: 0 when every stack was fused or skipped, 1 when some failed, 2 on a usage/setup error,
+3 when another run holds OUTPUT's lease, 4 when storage was lost mid-run, 130/143 on SIGINT/SIGTERM
+(see docs/reliability.md).
 The last line printed is ``nightly: fused=N skipped=N failed=N run=RUN_ID output=URI``.
 """
 from __future__ import annotations
@@ -47,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="nightly: %(message)s",
                         stream=sys.stderr)
     t0 = time.monotonic()
+    from ray_mff.lease import LeaseHeld
+    from ray_mff.runner import install_signal_handlers
+
+    install_signal_handlers()  # SIGTERM (ray job stop, timeout): finish the stack in hand, flush, exit 143
     try:
         summary = cli.run_fuse(args)
+    except LeaseHeld as err:
+        print(f"nightly: {err}", file=sys.stderr)
+        return 3
     except Exception as err:  # listing/planning failed (bad prefix, no credentials): nothing was fused
         if args.verbose:
             raise

@@ -23,6 +23,8 @@ _SECONDS_PER_STACK = {"classical": 0.3, "learned": 3.0}
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="ray-mff: %(message)s",
                         stream=sys.stderr)
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):  # "Found credentials in ..."
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _fmt(value, digits=4) -> str:
@@ -113,7 +115,11 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
                    help="Ray: GPUs per fusion actor (default: 1 for learned models when the cluster has GPUs, "
                         "else 0; set 1 on an autoscaling cluster whose GPU workers start at zero)")
     p.add_argument("--flush-every", type=int, default=32,
-                   help="Ray: manifest part file every N finished stacks (a killed run keeps what it flushed)")
+                   help="manifest part file every N finished stacks (and every 30 s): a killed run keeps what it flushed")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="also fuse again stacks whose last error waits for a changed input (input, resource)")
+    p.add_argument("--wait", action="store_true",
+                   help="when another run holds OUTPUT's lease, wait for it instead of exiting with code 3")
 
 
 def add_align_options(p: argparse.ArgumentParser) -> None:
@@ -157,8 +163,10 @@ def run_options_from_args(args):
     from ray_mff.runner import RunOptions
 
     opts = RunOptions(output_format=args.output_format, save_decision_maps=args.save_decision_maps,
-                       compute_metrics=not args.no_metrics, force=args.force, z_axis=args.z_axis,
-                       depth_map=args.depth_map, align=align_options_from_args(args))
+                      compute_metrics=not args.no_metrics, force=args.force, z_axis=args.z_axis,
+                      depth_map=args.depth_map, align=align_options_from_args(args),
+                      retry_errors=getattr(args, "retry_errors", False),
+                      flush_every=getattr(args, "flush_every", 32) or 32)
     if args.max_pixels:
         opts.max_pixels = args.max_pixels
     return opts
@@ -177,44 +185,81 @@ def print_run_summary(summary, out=None) -> None:
               f"Q_MI {_fmt(summary.mean('q_mi'))}", file=out)
     for r in rows[:60]:
         if r["status"] != "ok":
-            print(f"error: {r['error']}", file=out)
+            print(f"error [{r.get('error_kind') or 'input'}]: {r['error']}", file=out)
         elif r.get("warning"):
             print(f"warning: {r['stack_id']}: {r['warning']}", file=out)
     if summary.engine_busy is not None:
         print(f"fusion engine busy {summary.engine_busy:.0%} of its time (sum of fuse_s / engine wall time)",
               file=out)
+    reasons = getattr(summary, "reasons", None) or {}
+    if reasons:
+        print("why fused: " + ", ".join(f"{n} {why}" for why, n in sorted(reasons.items())), file=out)
+    if getattr(summary, "waiting", 0):
+        print(f"{summary.waiting} failed stacks wait for their input to change (--retry-errors to redo them)", file=out)
+    if getattr(summary, "stopped", None):
+        why = summary.stop_reason or summary.stopped
+        print(f"stopped early ({why}); the rerun finishes what is missing", file=out)
+    if getattr(summary, "unrecorded", 0):
+        print(f"{summary.unrecorded} finished stacks could not be recorded in the manifest; the rerun redoes them",
+              file=out)
     print(f"run {summary.run_id}: {summary.fused} fused, {summary.skipped} skipped, {summary.failed} failed "
           f"-> {summary.output}", file=out)
 
 
-def run_fuse(args):
-    """Discover, plan and fuse as ``ray-mff fuse`` does; the RunSummary (None when INPUT holds no stacks)."""
+class SetupError(Exception):
+    """Nothing was fused: the run could not start (exit code 2). ``str()`` is one line."""
+
+
+def _same_place(a: str, b: str) -> bool:
     from ray_mff import storage
+
+    fa, pa_ = storage.resolve(a)
+    fb, pb = storage.resolve(b)
+    return fa.protocol == fb.protocol and pa_.rstrip("/") == pb.rstrip("/")
+
+
+def run_fuse(args):
+    """Discover, plan and fuse as ``ray-mff fuse`` does; the RunSummary (None when INPUT holds no stacks).
+
+    Before anything is fused: OUTPUT must differ from INPUT, both storages must answer (a short
+    probe, so a wrong endpoint fails in seconds: :class:`ray_mff.storage.StorageUnavailable`),
+    OUTPUT must be writable, and this run must get OUTPUT's lease (:class:`ray_mff.lease.LeaseHeld`).
+    """
+    from ray_mff import lease, manifest, storage
     from ray_mff.methods import get_fuser
-    from ray_mff.runner import run_local
+    from ray_mff.runner import recipe_id, run_local
     from ray_mff.stacks import discover_stacks
 
     if args.s3_endpoint:
         storage.set_s3_endpoint(args.s3_endpoint)
+    if _same_place(args.input, args.output):
+        raise SetupError(f"{args.output}: OUTPUT is INPUT; fused images would mix with the stacks "
+                         f"(use a sub-folder such as {storage.join_uri(args.input, 'fused')})")
+    storage.probe(args.input)
     stacks = _outside(discover_stacks(args.input, pattern=args.pattern, stack_per_file=args.stack_per_file),
                       args.output)
     if not stacks:
         return None
+    storage.probe(args.output, write=True)  # after discovery: a new OUTPUT inside INPUT is no empty stack
     spec = fuser_spec_from_args(args)
     opts = run_options_from_args(args)
+    opts.recipe_id = recipe_id(spec, opts)
     executor, why = args.executor, "asked for"
     if executor == "auto":
         executor, why = choose_executor(len(stacks), spec, args.ray_address)
     log.info("%d stacks in %s; method %s; executor %s (%s)", len(stacks), args.input, spec["name"], executor, why)
-    if executor == "ray":
-        from ray_mff.pipeline import run_pipeline
+    run_id = manifest.new_run_id()
+    with lease.acquire(args.output, run_id, wait=getattr(args, "wait", False)) as held:
+        if executor == "ray":
+            from ray_mff.pipeline import run_pipeline
 
-        return run_pipeline(stacks, spec, args.output, opts, num_actors=args.num_actors,
-                            min_actors=args.min_actors, max_actors=args.max_actors,
-                            batch_size=args.batch_size, ray_address=args.ray_address,
-                            s3_endpoint=args.s3_endpoint, num_gpus_per_actor=args.gpus_per_actor,
-                            flush_every=args.flush_every)
-    return run_local(stacks, get_fuser(**spec), args.output, opts)
+            opts.lease_uri, opts.lease_token = held.uri, held.token
+            return run_pipeline(stacks, spec, args.output, opts, run_id=run_id, num_actors=args.num_actors,
+                                min_actors=args.min_actors, max_actors=args.max_actors,
+                                batch_size=args.batch_size, ray_address=args.ray_address,
+                                s3_endpoint=args.s3_endpoint, num_gpus_per_actor=args.gpus_per_actor,
+                                flush_every=args.flush_every)
+        return run_local(stacks, lambda: get_fuser(**spec), args.output, opts, run_id=run_id)
 
 
 def choose_executor(n_stacks: int, spec: dict, ray_address: str | None,
@@ -264,6 +309,9 @@ def _outside(stacks: list, output_root: str) -> list:
 
 
 def cmd_fuse(args) -> int:
+    from ray_mff.runner import install_signal_handlers
+
+    install_signal_handlers()
     summary = run_fuse(args)
     if summary is None:
         print(f"ray-mff: {args.input}: no stacks found", file=sys.stderr)
@@ -354,6 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list fusion methods and models")
     p.set_defaults(func=cmd_methods)
 
+    p = sub.add_parser("manifest", help="manifest maintenance: compact",
+                       description="compact: merge OUTPUT/manifest.parquet's part files into one sorted file")
+    p.add_argument("action", choices=["compact"])
+    p.add_argument("output")
+    p.add_argument("--s3-endpoint", default=None)
+    p.add_argument("--wait", action="store_true", help="wait for a run that holds OUTPUT's lease")
+    p.set_defaults(func=cmd_manifest)
+
+    p = sub.add_parser("report", help="one HTML page about OUTPUT: counts, failures, slowest, thumbnails",
+                       description="Write OUTPUT/report.html (or --out): counts, failures grouped by reason, "
+                                   "the slowest and lowest-scoring stacks, thumbnails of fused images and "
+                                   "decision maps.")
+    p.add_argument("output")
+    p.add_argument("--out", default=None, help="where to write the page (default: OUTPUT/report.html)")
+    p.add_argument("--thumbnails", type=int, default=24, help="how many stacks to show as thumbnails")
+    p.add_argument("--s3-endpoint", default=None)
+    p.set_defaults(func=cmd_report)
+
     from ray_mff.train.trainer import add_train_arguments, cmd_train
 
     p = sub.add_parser("train", help="train a fusion model with Ray Train")
@@ -424,6 +490,29 @@ def _print_export(model: str, res: dict) -> None:
               f"  decision max|onnx-torch| {v['decision_max_abs']:.3g}")
 
 
+def cmd_manifest(args) -> int:
+    from ray_mff import lease, manifest, storage
+
+    if args.s3_endpoint:
+        storage.set_s3_endpoint(args.s3_endpoint)
+    storage.probe(args.output, write=True)
+    with lease.acquire(args.output, "compact-" + manifest.new_run_id(), wait=args.wait):
+        merged, uri = manifest.compact(args.output)
+    print(f"{merged} manifest files -> {uri or 'nothing to compact'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ray_mff import storage
+    from ray_mff.report import write_report
+
+    if args.s3_endpoint:
+        storage.set_s3_endpoint(args.s3_endpoint)
+    uri = write_report(args.output, out=args.out, thumbnails=args.thumbnails)
+    print(uri)
+    return 0
+
+
 def cmd_methods(args) -> int:
     from ray_mff.methods import CLASSICAL_METHODS, default_method, list_methods
 
@@ -436,12 +525,17 @@ def cmd_methods(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from ray_mff.lease import LeaseHeld
+
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("ray-mff: interrupted; rerun to finish what is missing", file=sys.stderr)
         return 130
-    except (MFFError, ValueError, OSError) as err:
+    except LeaseHeld as err:
+        print(f"ray-mff: {err} (exit 3; --wait queues behind it)", file=sys.stderr)
+        return 3
+    except (MFFError, ValueError, OSError, SetupError) as err:
         if args.verbose:
             raise
         print(f"ray-mff: {err}", file=sys.stderr)

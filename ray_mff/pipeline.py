@@ -50,6 +50,7 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -64,9 +65,9 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ray_mff import io, manifest, sinks, storage
+from ray_mff import io, manifest, runner, sinks, storage
 from ray_mff.errors import EmptyStackError, EngineUnavailableError, MFFError
-from ray_mff.runner import RunOptions, RunSummary, _base_row, _utc_now, plan_run, process_stack
+from ray_mff.runner import RunOptions, RunSummary, _base_row, _utc_now, process_stack
 from ray_mff.stacks import Stack
 
 log = logging.getLogger("ray_mff")
@@ -132,12 +133,15 @@ def _stage_table(rows: list[dict], **arrays: list[np.ndarray | None]) -> pa.Tabl
 
 
 def _fail(row: dict, stack_id: str, err: Exception) -> None:
-    """A stage's failure on one stack becomes the stack's error row, as in ``process_stack``."""
+    """A stage's failure on one stack becomes the stack's error row with its ``error_kind``
+    (:func:`ray_mff.runner.classify_error`), as in ``process_stack``."""
+    kind = "lease" if isinstance(err, runner.LeaseLost) else runner.classify_error(err)
     if isinstance(err, MFFError):
-        row.update(status=manifest.STATUS_ERROR, error=str(err))
+        row.update(status=manifest.STATUS_ERROR, error=str(err), error_kind=kind)
     else:  # unexpected: keep the traceback in the worker's log, one line in the manifest
-        log.error("stack %s failed", stack_id, exc_info=err)
-        row.update(status=manifest.STATUS_ERROR, error=f"{stack_id}: {type(err).__name__}: {err}")
+        if kind == "internal":
+            log.error("stack %s failed", stack_id, exc_info=err)
+        row.update(status=manifest.STATUS_ERROR, error=f"{stack_id}: {type(err).__name__}: {err}", error_kind=kind)
 
 
 def _worker_setup(s3_endpoint: str | None, cpu_threads: int | None = None) -> None:
@@ -165,14 +169,14 @@ def read_stage(batch: pa.Table, *, opts: RunOptions, s3_endpoint: str | None = N
     for text in batch.column("stack").to_pylist():
         stack = stack_from_item(text)
         t0 = time.perf_counter()
-        row, images = _base_row(stack, ""), None
+        row, images = _base_row(stack, "", opts.recipe_id), None
         try:
             if stack.meta.get("error"):
                 where = stack.uris[0] if stack.uris else stack.meta.get("folder_uri", stack.id)
                 raise EmptyStackError(where, stack.meta["error"])
             if not stack.uris:
                 raise EmptyStackError(stack.id, "stack has no images")
-            members = io.read_stack(stack.uris, max_pixels=opts.max_pixels)
+            members = runner.retrying(lambda: io.read_stack(stack.uris, max_pixels=opts.max_pixels), opts, stack.id)
             first = members[0]
             row.update(height=first.shape[0], width=first.shape[1],
                        channels=1 if first.ndim == 2 else first.shape[2], dtype=str(first.dtype))
@@ -293,8 +297,10 @@ def write_stage(batch: pa.Table, *, output_root: str, opts: RunOptions, s3_endpo
         if row.get("status") is None and fused is not None:
             try:
                 t0 = time.perf_counter()
-                row.update(sinks.write_outputs(output_root, row["stack_id"], fused, opts,
-                                               _unpack(decision_col[i], layouts["decision"][i])))
+                runner.check_lease(row["stack_id"], opts)
+                decision = _unpack(decision_col[i], layouts["decision"][i])
+                row.update(runner.retrying(lambda: sinks.write_outputs(output_root, row["stack_id"], fused, opts,
+                                                                        decision), opts, row["stack_id"]))
                 row["status"] = manifest.STATUS_OK
                 t1 = time.perf_counter()
                 row["write_s"] = round(t1 - t0, 4)
@@ -417,30 +423,11 @@ def plan_resources(
     return strategy, float(gpus), int(max_actors)
 
 
-def estimate_stack_memory(n_images: int, height: int, width: int, channels: int) -> int:
-    """Bytes one actor needs to fuse a stack whole-stack (read, tiled fusion, write, score).
-
-    A deliberate over-estimate from the header only (the sample size is not known there): the
-    decoded members at up to 4 bytes per sample, plus as much again for the fused image, weights
-    and tile buffers, plus 512 MiB for the engine and the interpreter.
-    """
-    return 2 * n_images * height * width * max(1, channels) * 4 + (512 << 20)
-
-
 def _stack_headers(stacks: list[Stack], max_workers: int = 32) -> list:
-    """The first member's header of each stack (None where it cannot be read: the read stage
-    reports it), in parallel: a few KiB per stack, on the driver, at listing time."""
-
-    def header(stack: Stack):
-        if not stack.uris or stack.meta.get("error"):
-            return None
-        try:
-            return io.image_shape(stack.uris[0])
-        except Exception:  # noqa: BLE001 - the stack's own stage will turn it into an error row
-            return None
-
+    """:func:`ray_mff.runner.stack_header` of each stack, in parallel: a few KiB per stack, on the
+    driver, at listing time."""
     with ThreadPoolExecutor(max_workers=min(max_workers, max(1, len(stacks)))) as pool:
-        return list(pool.map(header, stacks))
+        return list(pool.map(runner.stack_header, stacks))
 
 
 STAGED_MEMBER_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -458,19 +445,24 @@ def needs_whole_stack(stack: Stack, opts: RunOptions) -> bool:
     return bool(opts.align.active or opts.depth_map or fmt.startswith("ome"))
 
 
-def split_by_pixel_budget(stacks: list[Stack], pixel_budget: int,
-                          opts: RunOptions | None = None) -> tuple[list[Stack], list[Stack], int]:
-    """(stacks for the staged path, stacks for the whole-stack path, memory for the latter).
+def split_stages(stacks: list[Stack], opts: RunOptions, pixel_budget: int,
+                 memory_budget: int | None = None) -> tuple[list[Stack], list[Stack], int]:
+    """(stacks for the staged path, stacks for the whole-stack path, memory to declare per
+    whole-stack actor), from one header read per stack.
 
-    The whole-stack path takes stacks over ``pixel_budget`` source pixels and those that
-    :func:`needs_whole_stack` (given ``opts``)."""
+    The whole-stack path takes stacks over ``pixel_budget`` source pixels, those that
+    :func:`needs_whole_stack`, and those whose :func:`ray_mff.runner.estimate_stack_memory` is over
+    ``memory_budget`` (flagged ``over_budget``: fused in tiles, declaring the budget)."""
     staged, whole, memory = [], [], 0
     for stack, head in zip(stacks, _stack_headers(stacks)):
+        need = runner.estimate_stack_memory(stack, head=head)
+        if memory_budget is not None:
+            stack = runner.over_budget(stack, need, memory_budget)
+            need = min(need, memory_budget)
         pixels = len(stack.uris) * head.height * head.width if head else 0
-        if pixels > pixel_budget or (opts is not None and needs_whole_stack(stack, opts)):
+        if pixels > pixel_budget or needs_whole_stack(stack, opts) or stack.meta.get("over_budget"):
             whole.append(stack)
-            if head:
-                memory = max(memory, estimate_stack_memory(len(stack.uris), head.height, head.width, head.channels))
+            memory = max(memory, need)
         else:
             staged.append(stack)
     return staged, whole, memory
@@ -586,6 +578,7 @@ def build_dataset(
     s3_endpoint: str | None = None,
     stacks_per_block: int | None = None,
     fuser_factory: Callable | None = None,
+    memory_budget: int | None = None,
 ):
     """The Ray Dataset of manifest rows for ``todo`` (lazy: nothing runs until it is iterated).
 
@@ -607,10 +600,10 @@ def build_dataset(
     fuse_cpus = res.fuse_cpus if res.fuse_cpus is not None else (0.0 if gpus > 0 else 1.0)
     gpu_args = {"num_gpus": gpus} if gpus > 0 else {}
     cpu_threads = max(1, int(fuse_cpus)) if gpus == 0 else None
-    if design == "staged":
-        staged, whole, whole_memory = split_by_pixel_budget(todo, res.pixel_budget, opts)
-    else:
-        staged, whole, whole_memory = [], list(todo), res.fuse_memory or 0
+    # design "single": every stack whole-stack (a pixel budget below any stack)
+    staged, whole, whole_memory = split_stages(todo, opts, res.pixel_budget if design == "staged" else -1,
+                                               memory_budget)
+    whole_memory = res.fuse_memory or whole_memory
     log.info("ray: %s design; fusion actors %d..%d x (%g CPU, %g GPU), batch %d; %d stacks staged, "
              "%d whole-stack%s", design, strategy.min_size, strategy.max_size, fuse_cpus, gpus, batch_size,
              len(staged), len(whole), f" ({whole_memory / 2**30:.1f} GiB each)" if whole and whole_memory else "")
@@ -648,6 +641,56 @@ def build_dataset(
             num_cpus=fuse_cpus, **({"memory": whole_memory} if whole_memory else {}), **gpu_args)
         parts.append(ds)
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+class AttemptLedger:
+    """Counts, per stack, the attempts that never ended: a worker that dies (OOM killer, segfault)
+    mid-stack leaves its stack begun and not ended. Ray Data restarts the actor and retries the
+    task; the retry fuses the stack once more, and a stack whose worker died twice becomes an
+    error row (``error_kind=resource``) instead of killing workers forever or failing the job.
+    Runs as a small Ray actor owned by the driver (it dies with the driver)."""
+
+    def __init__(self):
+        self.open: set[str] = set()
+        self.deaths: dict[str, int] = {}
+
+    def begin(self, stack_id: str) -> int:
+        if stack_id in self.open:
+            self.deaths[stack_id] = self.deaths.get(stack_id, 0) + 1
+        self.open.add(stack_id)
+        return self.deaths.get(stack_id, 0)
+
+    def end(self, stack_id: str) -> None:
+        self.open.discard(stack_id)
+
+
+class _LedgerClient:
+    """What :func:`ray_mff.runner.process_stack` calls (``begin``/``end``), picklable into actors."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def begin(self, stack_id: str) -> int:
+        import ray
+
+        return ray.get(self.handle.begin.remote(stack_id))
+
+    def end(self, stack_id: str) -> None:
+        self.handle.end.remote(stack_id)
+
+
+def _node_memory_budget(ray) -> int:
+    """80 % of the largest node's Ray memory resource (what an actor may declare)."""
+    sizes = [n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(0.8 * max(sizes, default=0)) or runner.node_memory_budget()
+
+
+def _estimates(stacks: list[Stack]) -> list[int]:
+    """:func:`ray_mff.runner.estimate_stack_memory` of each stack, headers read 16 at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(runner.estimate_stack_memory, stacks))
 
 
 def run_pipeline(
@@ -700,9 +743,10 @@ def run_pipeline(
     if s3_endpoint:
         storage.set_s3_endpoint(s3_endpoint)
     run_id = run_id or manifest.new_run_id()
-    todo, skipped = plan_run(stacks, output_root, opts)
-    summary = RunSummary(run_id=run_id, output=output_root, skipped=len(skipped))
-    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), len(skipped))
+    plan = runner.plan_stacks(stacks, output_root, opts)
+    todo = plan.todo
+    summary = runner.new_summary(plan, run_id, output_root)
+    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), len(plan.skipped))
     if not todo:
         return summary  # nothing to do: do not start (or connect to) Ray at all
     if fuser_factory is None and _workers_are_here(ray_address):
@@ -717,27 +761,47 @@ def run_pipeline(
         res = StageResources(**{**res.__dict__,
                                 **({"fuse_gpus": num_gpus_per_actor} if num_gpus_per_actor is not None else {}),
                                 **({"fuse_cpus": num_cpus_per_actor} if num_cpus_per_actor is not None else {})})
+    # Deaths per stack on the whole-stack path: retried once, then an error row (see AttemptLedger).
+    ledger = ray.remote(AttemptLedger).options(num_cpus=0).remote()
+    opts = dataclasses.replace(opts, attempt_ledger=_LedgerClient(ledger))
+    # Memory: stacks are declared what they need (from their headers), so Ray does not pack more
+    # actors on a node than fit; stacks over a node's budget take the tiled path.
     ds = build_dataset(todo, fuser_spec, output_root, opts, ray.cluster_resources(), design=design, resources=res,
                        num_actors=num_actors, min_actors=min_actors, max_actors=max_actors, batch_size=batch_size,
-                       s3_endpoint=endpoint, stacks_per_block=stacks_per_block, fuser_factory=fuser_factory)
+                       s3_endpoint=endpoint, stacks_per_block=stacks_per_block, fuser_factory=fuser_factory,
+                       memory_budget=_node_memory_budget(ray))
     clock = EngineClock()
     on_row = clock.wrap(on_row)
 
-    with manifest.ManifestWriter(output_root, run_id, flush_every=flush_every) as writer:
-        last_flush, parts = time.monotonic(), 0
+    writer = manifest.ManifestWriter(output_root, run_id, flush_every=flush_every, flush_seconds=flush_seconds,
+                                     first_seq=plan.first_seq)
+    stream = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+    try:
         # A stream: blocks of rows arrive as actors finish them; nothing is collected in Ray.
-        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
-        for table in _one_line_engine_errors(batches):
+        for table in _one_line_engine_errors(stream):
+            stop = None
             for row in table.to_pylist():
-                row = writer.add(row)  # stamped with this run's id
+                row = writer.add(row)  # stamped with this run's id and seq; flushed by count and time
                 summary.record(row)
                 if on_row:
                     on_row(row)
-            # Slow stacks (big images, big models): also flush on time, so a killed driver loses
-            # at most flush_seconds of recorded work.
-            if time.monotonic() - last_flush > flush_seconds:
-                writer.flush()
-            if len(writer.parts) != parts:
-                last_flush, parts = time.monotonic(), len(writer.parts)
+                if row.get("error_kind") == "storage" and stop is None:
+                    stop = runner.storage_lost(_row_stack(row), output_root)
+            if stop:
+                summary.stopped, summary.stop_reason = "storage", stop
+                log.error("storage unreachable: %s; stopping (the rerun finishes the work)", stop)
+                break
+            if runner.STOP:
+                summary.stopped = runner.STOP.signal
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        runner.finish_run(summary, writer)
     summary.engine_busy = clock.fraction
     return summary
+
+
+def _row_stack(row: dict) -> Stack:
+    return Stack(row["stack_id"], tuple(row.get("source_uris") or ()), {})

@@ -58,6 +58,8 @@ Stack ids are unique and filesystem-safe (``[\\w.-]``, folder parts joined by ``
 """
 from __future__ import annotations
 
+import bisect
+import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -155,6 +157,7 @@ class _File:
     uri: str
     name: str
     size: int | None
+    version: str | None = None  # ETag or mtime from the listing (storage.FileEntry.version)
 
 
 def _folder_id(folder: str, root: str) -> str:
@@ -167,7 +170,8 @@ def _prefixed(folder: str, key: str) -> str:
 
 def _stray(folder: str, f: _File, reason: str) -> Stack:
     rel = f"{folder}/{f.name}" if folder else f.name
-    meta = {"layout": "file", "folder": folder, "indices": (), "sizes": (f.size,), "error": reason}
+    meta = {"layout": "file", "folder": folder, "indices": (), "sizes": (f.size,), "versions": (f.version,),
+            "error": reason}
     return Stack(safe_id(rel.replace("/", "__")), (f.uri,), meta)
 
 
@@ -179,6 +183,7 @@ def _make_stack(sid: str, folder: str, layout: str, pattern: str | None, members
         "folder": folder,
         "indices": tuple(i for i, _ in members),
         "sizes": tuple(f.size for _, f in members),
+        "versions": tuple(f.version for _, f in members),
     }
     if pattern:
         meta["pattern"] = pattern
@@ -315,10 +320,18 @@ def _single_file_stacks(entries, stack_per_file: bool) -> tuple[list[Stack], set
             stem = re.sub(r"(\.ome)?\.[^.]+$", "", entry.relpath, flags=re.I)
             out.append(Stack(safe_id(stem.replace("/", "__")), (entry.uri,),
                              {"layout": "file", "folder": "/".join(parts[:-1]), "indices": ("0",),
-                              "sizes": (entry.size,)}))
+                              "sizes": (entry.size,), "versions": (entry.version,)}))
+    zarr_files = sorted((e.relpath, e.size or 0, e.version) for e in entries
+                        if ".zarr/" in e.relpath.lower() or e.relpath.lower().endswith(".zarr"))
     for prefix, uri in images.items():
+        # an image's identity for reruns: every file of its store (metadata and chunks), as listed
+        lo = bisect.bisect_left(zarr_files, (prefix + "/",))
+        hi = bisect.bisect_left(zarr_files, (prefix + "0",))  # "0" sorts right after "/"
+        files = zarr_files[lo:hi]
+        version = hashlib.sha1(repr(files).encode()).hexdigest()[:16]
         sid = safe_id(re.sub(r"(\.ome)?\.zarr(?=/|$)", "", prefix, flags=re.I).replace("/", "__"))
-        out.append(Stack(sid, (uri,), {"layout": "ome-zarr", "folder": prefix, "indices": ("0",), "sizes": (None,)}))
+        out.append(Stack(sid, (uri,), {"layout": "ome-zarr", "folder": prefix, "indices": ("0",),
+                                       "sizes": (sum(f[1] for f in files),), "versions": (version,)}))
     return out, claimed
 
 
@@ -354,11 +367,15 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
         raise EmptyStackError(root, "is a file; discovery needs a folder or prefix")
 
     entries, all_dirs = storage.walk(root, s3_endpoint=s3_endpoint)
+    # A sub-folder holding a ray-mff manifest is an earlier run's OUTPUT, not stacks to fuse.
+    outputs = {e.relpath.split("/manifest.parquet/", 1)[0] + "/" for e in entries
+               if "/manifest.parquet/" in e.relpath}
+    entries = [e for e in entries if not any(e.relpath.startswith(o) for o in outputs)]
     zarr_root = root.lower().rstrip("/").endswith(".zarr")  # the root is itself an OME-Zarr image or plate
     visible = entries
     if zarr_root:
         base = storage.basename(root)
-        visible = [storage.FileEntry(e.uri, f"{base}/{e.relpath}", e.size) for e in entries]
+        visible = [storage.FileEntry(e.uri, f"{base}/{e.relpath}", e.size, e.version) for e in entries]
     visible = [e for e in visible if ".zarr/" in e.relpath.lower()
                or not any(p.startswith(".") for p in e.relpath.split("/"))]
     single, claimed = _single_file_stacks(visible, stack_per_file)
@@ -369,10 +386,12 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
         parts = entry.relpath.split("/")
         if entry.relpath in claimed or any(p.startswith(".") for p in parts):
             continue
-        by_folder.setdefault("/".join(parts[:-1]), []).append(_File(entry.uri, parts[-1], entry.size))
+        by_folder.setdefault("/".join(parts[:-1]), []).append(
+            _File(entry.uri, parts[-1], entry.size, entry.version))
 
     # Leaf folders with no (visible) file in them are empty stack folders.
-    dirs = [d for d in all_dirs if not any(p.startswith(".") or p.lower().endswith(".zarr") for p in d.split("/"))]
+    dirs = [d for d in all_dirs if not any(p.startswith(".") or p.lower().endswith(".zarr") for p in d.split("/"))
+            and not any((d + "/").startswith(o) for o in outputs)]
     if zarr_root:
         dirs = []  # everything below is the zarr hierarchy
     parents = {d.rsplit("/", 1)[0] for d in dirs if "/" in d}

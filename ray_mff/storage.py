@@ -34,16 +34,41 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
 
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
+
+# botocore client settings for every S3 filesystem: a refused or silent endpoint fails in seconds
+# (connect), a slow GET of a large plane still completes (read), two attempts per request.
+S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 2, "mode": "standard"}}
+S3FS_RETRIES = 2
+# The start-of-run check: one attempt, short timeouts, so a wrong endpoint is a setup error in
+# about a second instead of a traceback after 20 s of retries.
+MIN_FREE_BYTES = 64 * 1024  # a local OUTPUT with less free space than this counts as full
+PROBE_CONFIG = {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
 
 class FileEntry(NamedTuple):
     """One file found by :func:`list_files`: its uri (in the root's own spelling), its path
-    relative to the root (posix separators) and its size in bytes."""
+    relative to the root (posix separators), its size in bytes and its *version*: what the
+    listing says about the content for free (the ETag on object stores, the modification time
+    in nanoseconds on local disks), so a file replaced by one of the same size is still noticed."""
 
     uri: str
     relpath: str
     size: int | None
+    version: str | None = None
+
+
+def _version(info: dict) -> str | None:
+    """ETag (object stores) or mtime (local disks) from an fsspec ``info`` dict; None if neither."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if mtime is None:
+        return None
+    if isinstance(mtime, (int, float)):
+        return str(int(round(float(mtime) * 1e9)))
+    return str(mtime)
 
 
 def s3_endpoint_from_env() -> str | None:
@@ -92,8 +117,15 @@ def resolve(uri: str, *, s3_endpoint: str | None = None) -> tuple[fsspec.Abstrac
         endpoint = effective_s3_endpoint(s3_endpoint)
         if endpoint:
             options["endpoint_url"] = endpoint
+        options["config_kwargs"] = S3_CONFIG
     # fsspec caches the instance for equal (protocol, options): no cache of our own needed.
-    return fsspec.core.url_to_fs(uri, **options)
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    if proto in _S3_PROTOCOLS:
+        # s3fs retries each call 5 times on top of botocore's own attempts: 5-11 s per stack once
+        # the store is gone. The runner retries whole reads/writes with backoff and then asks
+        # :func:`probe` whether the store is still there, so one layer of short retries is enough.
+        fs.retries = S3FS_RETRIES
+    return fs, path
 
 
 def join_uri(root: str, *parts: str) -> str:
@@ -146,7 +178,7 @@ def walk(root: str, *, s3_endpoint: str | None = None) -> tuple[list[FileEntry],
         _forget_listings(fs, path)  # listings are taken once per job: always fresh
     if fs.isfile(path):
         info = fs.info(path)
-        return [FileEntry(os.fspath(root), basename(root), info.get("size"))], []
+        return [FileEntry(os.fspath(root), basename(root), info.get("size"), _version(info))], []
     if not fs.isdir(path):
         return [], []
     prefix = path.rstrip("/") + "/"
@@ -159,7 +191,7 @@ def walk(root: str, *, s3_endpoint: str | None = None) -> tuple[list[FileEntry],
             if rel.strip("/"):
                 dirs.add(rel.strip("/"))
             continue
-        files.append(FileEntry(join_uri(root, *rel.split("/")), rel, info.get("size")))
+        files.append(FileEntry(join_uri(root, *rel.split("/")), rel, info.get("size"), _version(info)))
     return sorted(files), sorted(dirs)
 
 
@@ -234,3 +266,110 @@ def remove(uri: str, *, missing_ok: bool = True, s3_endpoint: str | None = None)
     except FileNotFoundError:
         if not missing_ok:
             raise
+
+
+# ------------------------------------------------------------------------------ failures and probes
+
+
+class StorageUnavailable(OSError):
+    """A folder or bucket cannot be reached or written: the endpoint is down or wrong, the bucket is
+    missing, credentials are refused, the disk is full or read-only. ``str()`` is one line that
+    names the uri and the reason."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri, self.reason = str(uri), reason
+        super().__init__(f"{self.uri}: {reason}")
+
+    def __reduce__(self):
+        return (self.__class__, (self.uri, self.reason))
+
+
+# errno values that mean "the storage, not the file": full, over quota, read-only, I/O error, gone.
+_STORAGE_ERRNOS = {28, 122, 30, 5, 107, 110, 111, 112, 113, 104, 103}  # ENOSPC EDQUOT EROFS EIO ...
+_STORAGE_NAMES = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                  "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
+                  "TimeoutError", "HTTPClientError", "NoCredentialsError", "IncompleteRead",
+                  "ProxyConnectionError", "SSLError", "ResponseStreamingError", "ServiceUnavailable",
+                  "SlowDown", "InternalError", "RequestTimeout")
+
+
+def is_storage_failure(err: BaseException | None) -> bool:
+    """True when ``err`` (or an exception it wraps) says the *storage* failed rather than the file:
+    connection refused/reset/timed out, 5xx and throttling, no space left, read-only filesystem,
+    I/O error. Such failures are transient: the stack is retried, now and on the next run.
+    A missing file, a permission refused on one file or undecodable bytes are not."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, StorageUnavailable):
+            return True
+        if isinstance(err, OSError) and getattr(err, "errno", None) in _STORAGE_ERRNOS:
+            return True
+        names = {t.__name__ for t in type(err).__mro__}
+        if names & set(_STORAGE_NAMES):
+            return True
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return False
+
+
+def probe(uri: str, *, write: bool = False, s3_endpoint: str | None = None, timeout: float = 2.0) -> None:
+    """Check quickly that ``uri`` (a folder or prefix) can be reached, and written when ``write``.
+
+    Object stores are asked once with short timeouts (:data:`PROBE_CONFIG`) through a fresh client,
+    so a wrong endpoint, a missing bucket or refused credentials fail in seconds. Writing is checked
+    by creating and deleting a hidden probe file (a read-only folder, a full disk, a bucket the
+    credentials may not write). Raises :class:`StorageUnavailable` with a one-line reason.
+    """
+    uri = os.fspath(uri)
+    proto = protocol(uri)
+    try:
+        if proto in _S3_PROTOCOLS:
+            import s3fs
+
+            options = {"skip_instance_cache": True, "config_kwargs": {**PROBE_CONFIG, "connect_timeout": timeout}}
+            endpoint = effective_s3_endpoint(s3_endpoint)
+            if endpoint:
+                options["endpoint_url"] = endpoint
+            fs = s3fs.S3FileSystem(**options)
+            fs.retries = 1
+            path = fs._strip_protocol(uri).rstrip("/")
+            bucket = path.split("/", 1)[0]
+            # one LIST of at most one key: reachable, bucket exists, credentials accepted
+            fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+        else:
+            fs, path = resolve(uri, s3_endpoint=s3_endpoint)
+            if not write and not fs.exists(path):
+                raise StorageUnavailable(uri, "no such folder")
+        if write and proto not in _S3_PROTOCOLS and os.path.isdir(path):
+            st = os.statvfs(path)
+            free = st.f_bavail * st.f_frsize
+            if free < MIN_FREE_BYTES:  # a probe byte may still fit where no image does
+                raise StorageUnavailable(uri, f"no space left on device ({free // 1024} KiB free)")
+        if write:
+            name = f".ray-mff-probe-{secrets.token_hex(4)}"
+            target = join_uri(path, name) if proto in _S3_PROTOCOLS else os.path.join(path, name)
+            if proto in _S3_PROTOCOLS:
+                fs.pipe_file(target, b"probe")
+            else:
+                write_bytes_atomic(target, b"probe", fs=fs)
+            fs.rm_file(target)
+    except StorageUnavailable:
+        raise
+    except Exception as err:  # noqa: BLE001 - every failure here is one line for the user
+        raise StorageUnavailable(uri, _one_line(err, write)) from None
+
+
+def _one_line(err: BaseException, write: bool) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    name = type(err).__name__
+    if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return f"{'not writable' if write else 'not readable'}: permission denied"
+    if isinstance(err, FileNotFoundError) or "NoSuchBucket" in text:
+        return "no such bucket or folder"
+    if isinstance(err, OSError) and err.errno == 28:
+        return "no space left on device"
+    if isinstance(err, OSError) and err.errno == 30:
+        return "read-only file system"
+    if "Could not connect" in text or "Connect" in name or "Timeout" in name:
+        return f"cannot reach the storage endpoint ({text or name})"
+    return f"{name}: {text}" if text else name

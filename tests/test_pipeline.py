@@ -254,7 +254,9 @@ def test_nightly_killed_midway_then_rerun(ray_s3, s3_bucket, tmp_path):
     assert first["stack_id"].is_unique
 
     nightly = _load_nightly()
-    assert nightly.main(["--input", src, "--output", out, "--method", "guided", "--s3-endpoint", endpoint]) == 0
+    # --wait: the killed driver's S3 lease lapses within its ttl (ray_mff.lease)
+    assert nightly.main(["--input", src, "--output", out, "--method", "guided", "--s3-endpoint", endpoint,
+                         "--wait"]) == 0
     df = _read_manifest(out, endpoint)
     assert sorted(df.stack_id) == ids  # one row per stack: none lost, none duplicated
     assert (df.status == "ok").all() and df["run_id"].nunique() == 2

@@ -94,14 +94,11 @@ def storage_filesystem(storage_path: str, s3_endpoint: str | None = None):
     from pyarrow import fs as pafs
 
     u = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    creds = {}
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        # the driver's credentials travel with the (pickled) filesystem to the train workers,
-        # whose processes may have been started before they were set
-        creds = {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
-                 "session_token": os.environ.get("AWS_SESSION_TOKEN")}
+    # No credentials here: this filesystem is pickled to every train worker, and the driver's keys
+    # must not travel with it (nor land in Ray's object store). Each worker's pyarrow finds its own
+    # in its environment, ~/.aws or the instance role, as every other worker does.
     fs = pafs.S3FileSystem(endpoint_override=u.netloc, scheme=u.scheme or "https",
-                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **creds)
+                           region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
     return fs, storage_path[len("s3://"):]
 
 
