@@ -12,7 +12,7 @@ import pytest
 import skimage.data
 import tifffile
 
-from ray_mff import cli, io
+from ray_mff import cli, io, storage
 from ray_mff.fusion.guided import fuse_guided
 from ray_mff.metadata import PhysicalMetadata, from_tiff
 from ray_mff.metrics import psnr
@@ -152,8 +152,11 @@ def test_ome_zarr_on_s3(stacks, tmp_path: Path, s3_server, s3_bucket, monkeypatc
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server)
     write_ome_zarr(f"s3://{s3_bucket}/in/plate.zarr/A/1/0", z0[None], "CZYX", PhysicalMetadata((0.5, 0.5), "µm"))
     write_ome_zarr(f"s3://{s3_bucket}/in/plate.zarr/A/2/0", z0[None, ::-1], "CZYX", PhysicalMetadata((0.5, 0.5), "µm"))
-    code = cli.main(["fuse", f"s3://{s3_bucket}/in", str(tmp_path / "out"), "--method", "guided",
-                     "--s3-endpoint", s3_server, "--format", "ome-tiff"])
+    try:
+        code = cli.main(["fuse", f"s3://{s3_bucket}/in", str(tmp_path / "out"), "--method", "guided",
+                         "--s3-endpoint", s3_server, "--format", "ome-tiff"])
+    finally:
+        storage.set_s3_endpoint(None)  # --s3-endpoint sets the process-wide default
     assert code == 0
     rows = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("stack_id")
     assert sorted(rows.index) == ["plate__A__1__0", "plate__A__2__0"]
