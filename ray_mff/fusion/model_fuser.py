@@ -240,7 +240,8 @@ class ModelFuser:
         pairs per call, best of 3 on a loaded 2-core machine; results bit-identical), so CPU runs
         gain nothing (torch on CPU: 4.26 / 3.83 / 3.49 s per pair, still 2.5x ONNX Runtime's
         unbatched time; ``batch_stacks=True`` turns batching on for it). GPU engines (TensorRT,
-        torch on CUDA) are where one 528 x 528 image underfills the device; ``bench/gpu_check.py`` measures pairs/s at 1, 4 and 16 per call.
+        torch on CUDA) are where one 528 x 528 image underfills the device;
+        ``bench/gpu_check.py`` measures pairs/s at 1, 4 and 16 per call.
         A bad stack raises (the caller fuses one by one to find it)."""
         for images in stacks:
             check_stack(images)
