@@ -181,6 +181,21 @@ class TiledFuser:
     def needs_tiling(self, shape: tuple[int, ...]) -> bool:
         return shape[0] > self.untiled_max_side or shape[1] > self.untiled_max_side
 
+    @property
+    def fuse_batch(self):
+        """The wrapped fuser's ``fuse_batch`` for the stacks under the tiling threshold (the others
+        are tiled one by one); absent (AttributeError) when the wrapped fuser has none."""
+        if getattr(self.fuser, "fuse_batch", None) is None:
+            raise AttributeError("fuse_batch")
+        return self._fuse_batch
+
+    def _fuse_batch(self, stacks: Sequence[Sequence[np.ndarray]]) -> list[FusionResult]:
+        whole = [i for i, images in enumerate(stacks) if not self.needs_tiling(plane_shape(images))]
+        results: list = [None] * len(stacks)
+        for i, result in zip(whole, self.fuser.fuse_batch([stacks[i] for i in whole]) if whole else []):
+            results[i] = result
+        return [self.fuse(images) if result is None else result for images, result in zip(stacks, results)]
+
     def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
         """N registered images (H, W) or (H, W, C) of one dtype -> FusionResult, tiled above the budget."""
         if not self.needs_tiling(plane_shape(images)):

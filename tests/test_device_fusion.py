@@ -48,6 +48,7 @@ class DeviceStandIn:
         self.output = getattr(model, "output", "decision")
         self.postprocess = getattr(model, "postprocess", None)
         self.decide_calls = 0
+        self.encode_calls = 0
 
     @staticmethod
     def _host(x) -> torch.Tensor:
@@ -55,6 +56,8 @@ class DeviceStandIn:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
     def encode(self, y):
+        self.encode_calls += 1
+        assert len(y) <= self.max_batch, f"encode batch {len(y)} over the profile's {self.max_batch}"
         with torch.inference_mode():
             f = self.model.encode(self._host(pad_to_multiple(np.asarray(y, np.float32), self.stride)))
         return f.as_subclass(DeviceTensor)
@@ -150,6 +153,60 @@ def test_tiled_fusion_keeps_features_on_the_device(models):
     _assert_same(tiled, ref)
 
 
+def _calls(engine) -> tuple[int, int]:
+    return engine.encode_calls, engine.decide_calls
+
+
+@pytest.mark.parametrize("name", ["cascade", "cnn", "ssim"])
+def test_fuse_batch_shares_engine_calls_and_matches_fuse(models, name):
+    """Three same-shape pairs go two to an engine call (the stand-in's max_batch 4 = 2 pairs), the
+    triple and the odd-shaped pair as in ``fuse``; every result is ``fuse``'s (torch on CPU: the
+    weights of a batch-4 convolution differ from batch 2's by < 1e-6, so within _assert_same's bounds)."""
+    stacks = [_stack(2, seed=s) for s in range(3)] + [_stack(3, seed=3), _stack(2, h=40, w=32, seed=4)]
+    engine = DeviceStandIn(models[name])
+    fuser = ModelFuser(engine)
+    assert fuser.batch_stacks and fuser.pairs_per_call(48, 56) == 2  # the GPU default, within max_batch
+    one_by_one = [fuser.fuse(images) for images in stacks]
+    per_stack = _calls(engine)
+    engine.encode_calls = engine.decide_calls = 0
+    batched = fuser.fuse_batch(stacks)
+    assert _calls(engine) == (per_stack[0] - 1, per_stack[1] - 1)  # pairs 0 and 1 shared one call each
+    for got, want in zip(batched, one_by_one):
+        assert got.method == want.method
+        _assert_same(got, want)
+    _assert_same(batched[0], ModelFuser(TorchEngine(models[name])).fuse(stacks[0]))
+
+
+def test_fuse_batch_stays_within_the_pixel_budget_and_is_per_stack_on_cpu(models):
+    engine = DeviceStandIn(models["cascade"])
+    padded = (-(-48 // engine.stride) * engine.stride) * (-(-56 // engine.stride) * engine.stride)
+    assert ModelFuser(engine, stack_batch_pixels=4 * padded).pairs_per_call(48, 56) == 2
+    assert ModelFuser(engine, stack_batch_pixels=4 * padded - 1).pairs_per_call(48, 56) == 1
+    assert ModelFuser(engine, stack_batch_pixels=1).pairs_per_call(48, 56) == 1
+    cpu = ModelFuser(TorchEngine(models["cascade"]))
+    assert not cpu.batch_stacks and cpu.pairs_per_call(48, 56) == 1  # CPU engines: one stack per call
+    stacks = [_stack(2, seed=s) for s in range(2)]
+    for got, want in zip(cpu.fuse_batch(stacks), [cpu.fuse(s) for s in stacks]):
+        np.testing.assert_array_equal(got.fused, want.fused)
+
+
+def test_tiled_fuse_batch_batches_only_untiled_stacks(models):
+    from ray_mff.methods import get_fuser
+    from ray_mff.tiling import TiledFuser
+
+    engine = DeviceStandIn(models["cascade"])
+    tiled = TiledFuser(ModelFuser(engine), tile_size=128, margin=16, feather=8, untiled_max_side=128)
+    stacks = [_stack(2, seed=0), _stack(2, h=200, w=40, seed=1), _stack(2, seed=2)]
+    want = [tiled.fuse(images) for images in stacks]
+    got = tiled.fuse_batch(stacks)
+    assert got[1].stats["tiles"] > 1 and "tiles" not in got[0].stats
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.fused, w.fused)
+    # a wrapped fuser without fuse_batch: the tiled fuser has none either (callers fuse one by one)
+    assert getattr(get_fuser("guided", tile_size=1024), "fuse_batch", None) is None
+    assert getattr(TiledFuser(object()), "fuse_batch", None) is None
+
+
 def test_onnxruntime_iobinding_keeps_features_in_torch_tensors(models, tmp_path):
     """The IOBinding path of the ONNX Runtime engine (what runs on CUDA) bound to CPU torch tensors:
     features are tensors, never numpy, and every fuser path gives the plain session's result."""
@@ -165,3 +222,7 @@ def test_onnxruntime_iobinding_keeps_features_in_torch_tensors(models, tmp_path)
     for n, options in ((2, {}), (3, {"batch_reference": True}), (4, {"calibration": False})):
         images = _stack(n)
         _assert_same(ModelFuser(bound, **options).fuse(images), ModelFuser(plain, **options).fuse(images))
+    pairs = [_stack(2, seed=s) for s in range(3)]  # fuse_batch: 3 pairs in one encode and one decide call
+    batched = ModelFuser(bound, batch_stacks=True).fuse_batch(pairs)
+    for got, images in zip(batched, pairs):
+        _assert_same(got, ModelFuser(plain).fuse(images))

@@ -9,6 +9,7 @@ own schema accepts.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -446,3 +447,56 @@ def test_executor_auto_says_why(monkeypatch):
     assert choose_executor(2000, {"name": "guided"}, None, cores=16)[0] == "ray"
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert choose_executor(3, {"name": "guided"}, None, cores=2) == ("ray", "RAY_ADDRESS is set")
+
+
+def test_fuse_stage_gives_same_shape_stacks_to_fuse_batch_in_one_call(tmp_path):
+    """The fusion stage (called here in-process on a read stage's table) hands the 3 same-shape pairs
+    of a batch to ``fuse_batch`` in one call, the triple and the odd-sized pair on their own; rows and
+    fused images equal those of a fuser with ``fuse`` only (one stack per call)."""
+    import pyarrow as pa
+
+    from ray_mff.engines.torch_engine import TorchEngine
+    from ray_mff.fusion.model_fuser import ModelFuser
+    from ray_mff.models import get_model
+    from ray_mff.pipeline import FuseStage, _unpack, read_stage, stack_to_item
+    from ray_mff.runner import RunOptions
+    from ray_mff.stacks import discover_stacks
+
+    _good_stacks(tmp_path / "in", 3, size=48)
+    _good_stacks(tmp_path / "in", 1, size=32, prefix="small")
+    triple, _, _ = render_focus_stack(_texture(48, 48, 9), 3, seed=9, dtype=np.uint8)
+    for j, img in enumerate(triple):
+        io.write_image(str(tmp_path / "in" / "triple" / f"triple_{j}.png"), img)
+    opts = RunOptions(save_decision_maps=True)
+    table = pa.Table.from_pylist([stack_to_item(s) for s in discover_stacks(str(tmp_path / "in"))])
+    read = read_stage(table, opts=opts)
+    model = get_model("cascade")
+    calls = []
+
+    class Batched(ModelFuser):
+        def fuse_batch(self, stacks):
+            results = super().fuse_batch(stacks)
+            calls.append(len(results))  # only when it succeeded (the stage would fall back to fuse)
+            return results
+
+    class OneByOne:  # fuse only: the stage calls it once per stack
+        def __init__(self):
+            self.inner = ModelFuser(TorchEngine(model))
+            self.name = self.inner.name
+
+        def fuse(self, images):
+            return self.inner.fuse(images)
+
+    # batch_stacks=True on CPU torch: the GPU engines' path (pairs share encode and decide calls)
+    batched = FuseStage({}, opts, fuser_factory=lambda: Batched(TorchEngine(model), batch_stacks=True))(read)
+    single = FuseStage({}, opts, fuser_factory=OneByOne)(read)
+    assert calls == [3]  # the three 48 x 48 pairs; the triple and the 32 x 32 pair are groups of one
+    volatile = ("fuse_s", "_actor", "_fuse_start", "_fuse_end")
+    rows = [[{k: v for k, v in json.loads(r).items() if k not in volatile} for r in t.column("row").to_pylist()]
+            for t in (batched, single)]
+    assert rows[0] == rows[1] and len(rows[0]) == 5 and all(r.get("status") is None for r in rows[0])
+    for col in ("fused", "decision"):
+        for i in range(5):
+            a = _unpack(batched.column(col)[i], batched.column(f"{col}_layout")[i].as_py())
+            b = _unpack(single.column(col)[i], single.column(f"{col}_layout")[i].as_py())
+            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, (col, i)

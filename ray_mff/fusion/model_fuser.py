@@ -45,6 +45,10 @@ from ray_mff.planes import mapped
 
 #: calibrated mode batches images per engine call only up to this many pixels per call (1 MP)
 BATCH_PIXELS = 1 << 20
+#: :meth:`ModelFuser.fuse_batch` (GPU engines): images per encode call up to this many pixels (16 MP:
+#: TensorRT's default profile at its largest, 4 x 2048 x 2048, or 16 pairs of 528 x 528 Lytro
+#: luminances). BATCH_PIXELS would allow one Lytro pair per call, i.e. no batching at all.
+STACK_BATCH_PIXELS = 1 << 24
 
 
 class ModelFuser:
@@ -68,6 +72,12 @@ class ModelFuser:
                  ONNX Runtime costs the same per image at any batch (0.221 / 0.216 / 0.223 s
                  per 528 x 528 image at batch 1 / 2 / 3, 2 threads), and a 3-image call exceeds
                  the memory-arena limit (:data:`ray_mff.engines.onnx_engine.ARENA_MAX_PIXELS`).
+    batch_stacks: :meth:`fuse_batch` encodes several same-shape pairs per engine call. None (default)
+                 = on GPU engines only, the same rule as ``batch_reference``: on CPU ONNX Runtime
+                 a call of 2 or 4 pairs costs as much per pair as one pair (see ``fuse_batch``), so
+                 CPU runs keep one stack per call. Pairs per call stay within ``stack_batch_pixels``
+                 (images x padded H x W, default :data:`STACK_BATCH_PIXELS`) and the engine's
+                 ``max_batch`` (both images of a pair go in one encode call).
 
     Example::
 
@@ -81,12 +91,14 @@ class ModelFuser:
 
     def __init__(self, engine, *, calibration: bool = True, reference: int | None = None, mode: str = "argmax",
                  consistency: bool = False, area_ratio: float = 0.01, batch: int = 2,
-                 batch_reference: bool | None = None, name: str | None = None):
+                 batch_reference: bool | None = None, batch_stacks: bool | None = None,
+                 stack_batch_pixels: int = STACK_BATCH_PIXELS, name: str | None = None):
         self.engine = engine
         self.batch = max(1, int(batch))
-        if batch_reference is None:
-            batch_reference = not str(describe_engine(engine).get("device", "cpu")).startswith("cpu")
-        self.batch_reference = bool(batch_reference)
+        on_gpu = not str(describe_engine(engine).get("device", "cpu")).startswith("cpu")
+        self.batch_reference = on_gpu if batch_reference is None else bool(batch_reference)
+        self.batch_stacks = on_gpu if batch_stacks is None else bool(batch_stacks)
+        self.stack_batch_pixels = int(stack_batch_pixels)
         self.calibration = bool(calibration)
         self.reference = reference
         self.mode = mode
@@ -114,10 +126,34 @@ class ModelFuser:
 
     # -- the three modes -------------------------------------------------------------------------------
 
-    def _pair(self, lums: list[np.ndarray], h: int, w: int) -> np.ndarray:
-        y = np.concatenate([self._prep(lums[0]), self._prep(lums[1])], axis=0)
-        f = self.engine.encode(y)
-        d = self._decide(f[0:1], f[1:2], y[0:1], y[1:2], h, w)[0]
+    def _pair_maps(self, pairs: list[tuple[np.ndarray, np.ndarray]], h: int, w: int,
+                   per_call: int = 1) -> list[np.ndarray]:
+        """``decide`` maps (H, W) of same-shape luminance pairs, ``per_call`` pairs per engine call:
+        one encode of (a_0 .. a_k-1, b_0 .. b_k-1), one decide of features [:k] against [k:]
+        (contiguous slices, on the engine's device)."""
+        maps: list[np.ndarray] = []
+        for i in range(0, len(pairs), per_call):
+            part = pairs[i:i + per_call]
+            k = len(part)
+            y = np.concatenate([self._prep(a) for a, _ in part] + [self._prep(b) for _, b in part], axis=0)
+            f = self.engine.encode(y)
+            maps.extend(self._decide(f[:k], f[k:], y[:k], y[k:], h, w))
+        return maps
+
+    def pairs_per_call(self, h: int, w: int) -> int:
+        """Pairs of (h, w) images :meth:`fuse_batch` gives one engine call (1 when not batching)."""
+        if not self.batch_stacks:
+            return 1
+        hp, wp = -(-h // self.stride) * self.stride, -(-w // self.stride) * self.stride
+        k = self.stack_batch_pixels // (2 * hp * wp)
+        max_batch = getattr(self.engine, "max_batch", None)
+        if max_batch:
+            k = min(k, int(max_batch) // 2)
+        return max(1, k)
+
+    def _pair(self, lums: list[np.ndarray], h: int, w: int, d: np.ndarray | None = None) -> np.ndarray:
+        if d is None:
+            d = self._pair_maps([(lums[0], lums[1])], h, w)[0]
         return np.stack([d, 1.0 - d], axis=-1)
 
     def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int) -> np.ndarray:
@@ -165,8 +201,10 @@ class ModelFuser:
             fused_lum = d * fused_lum + (1.0 - d) * lums[k]
         return weights
 
-    def _direct(self, images: Sequence[np.ndarray], lums: list[np.ndarray], h: int, w: int):
-        """Direct-fusion model: serial pairs (one pair for N = 2) -> (fused image, solved weights (H, W, N))."""
+    def _direct(self, images: Sequence[np.ndarray], lums: list[np.ndarray], h: int, w: int,
+                first: np.ndarray | None = None):
+        """Direct-fusion model: serial pairs (one pair for N = 2) -> (fused image, solved weights (H, W, N)).
+        ``first``: the first pair's fused luminance when it was already computed (``fuse_batch``)."""
         from ray_mff.fusion.luminance_transfer import solve_weights, transfer_luminance
 
         n = len(images)
@@ -174,9 +212,10 @@ class ModelFuser:
         weights[..., 0] = 1.0
         fused, fused_lum = to_unit_float(images[0]), lums[0]
         for k in range(1, n):
-            ya, yb = self._prep(fused_lum), self._prep(lums[k])
-            f = self.engine.encode(np.concatenate([ya, yb], axis=0))
-            y_f = self._decide(f[0:1], f[1:2], ya, yb, h, w)[0]  # the fused luminance
+            if k == 1 and first is not None:
+                y_f = first
+            else:
+                y_f = self._pair_maps([(fused_lum, lums[k])], h, w)[0]  # the fused luminance
             wa = solve_weights(y_f, fused_lum, lums[k])
             fused = transfer_luminance(fused, to_unit_float(images[k]), wa, y_f, fused_lum, lums[k])
             weights[..., :k] *= wa[..., None]
@@ -187,16 +226,56 @@ class ModelFuser:
     def fuse(self, images: Sequence[np.ndarray]) -> FusionResult:
         """N >= 2 registered images (H, W) or (H, W, C), one dtype -> FusionResult (weights (H, W, N))."""
         check_stack(images)
-        t0 = time.perf_counter()
+        return self._fuse(images, mapped(images, luminance))  # lazy for a PlaneSequence: no N planes held
+
+    def fuse_batch(self, stacks: Sequence[Sequence[np.ndarray]]) -> list[FusionResult]:
+        """Several stacks -> one FusionResult each, the same as :meth:`fuse` on each (bit-identical
+        on CPU torch and ONNX Runtime in the tests; GPU kernels may pick other algorithms per batch).
+
+        Pairs of one shape share engine calls (:meth:`pairs_per_call` pairs per encode and per
+        decide call); everything after ``decide`` (consistency, colour, weights) runs per stack.
+        Stacks of N >= 3 are fused one by one. With ``batch_stacks`` False (the default on CPU
+        engines) every stack is one :meth:`fuse`: ONNX Runtime on 2 CPU threads is *slower* per
+        pair when batched (4 Lytro pairs, 520 x 520: 1.36 / 2.04 / 2.16 s per pair at 1 / 2 / 4
+        pairs per call, best of 3 on a loaded 2-core machine; results bit-identical), so CPU runs
+        gain nothing (torch on CPU: 4.26 / 3.83 / 3.49 s per pair, still 2.5x ONNX Runtime's
+        unbatched time; ``batch_stacks=True`` turns batching on for it). GPU engines (TensorRT,
+        torch on CUDA) are where one 528 x 528 image underfills the device;
+        ``bench/gpu_check.py`` measures pairs/s at 1, 4 and 16 per call.
+        A bad stack raises (the caller fuses one by one to find it)."""
+        for images in stacks:
+            check_stack(images)
+        if not self.batch_stacks:
+            return [self._fuse(images, mapped(images, luminance)) for images in stacks]
+        results: list = [None] * len(stacks)
+        groups: dict = {}
+        for i, images in enumerate(stacks):
+            if len(images) == 2:
+                groups.setdefault(tuple(np.shape(images[0])[:2]), []).append(i)
+            else:
+                results[i] = self._fuse(images, mapped(images, luminance))
+        for (h, w), idx in groups.items():
+            t0 = time.perf_counter()
+            lums = {i: [luminance(img) for img in stacks[i]] for i in idx}
+            maps = self._pair_maps([tuple(lums[i]) for i in idx], h, w, self.pairs_per_call(h, w))
+            share = (time.perf_counter() - t0) / len(idx)  # engine time, split evenly over the pairs
+            for i, d in zip(idx, maps):
+                results[i] = self._fuse(stacks[i], lums[i], pair_map=d, spent=share)
+        return results
+
+    def _fuse(self, images: Sequence[np.ndarray], lums, pair_map: np.ndarray | None = None,
+              spent: float = 0.0) -> FusionResult:
+        """:meth:`fuse` on a checked stack and its luminances; ``pair_map``: a pair's ``decide``
+        output already computed (by :meth:`fuse_batch`, which spent ``spent`` seconds on it)."""
+        t0 = time.perf_counter() - spent
         n = len(images)
         h, w = images[0].shape[:2]
-        lums = mapped(images, luminance)  # lazy for a PlaneSequence (ray_mff.planes): no N planes held
         ref = None
         fused = None
         if self.output == "fused":
-            (fused, weights), mode = self._direct(images, lums, h, w), "pair" if n == 2 else "serial"
+            (fused, weights), mode = self._direct(images, lums, h, w, pair_map), "pair" if n == 2 else "serial"
         elif n == 2:
-            weights, mode = self._pair(lums, h, w), "pair"
+            weights, mode = self._pair(lums, h, w, pair_map), "pair"
         elif self.calibration:
             ref = n // 2 if self.reference is None else int(self.reference)
             weights, mode = self._calibrated(lums, h, w, ref), "calibrated"
