@@ -7,6 +7,7 @@ nothing here needs ../shared/data.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,6 +18,8 @@ from ray_mff import io, storage
 from ray_mff.align import AlignOptions, align_stack, estimate_alignment
 from ray_mff.methods import get_fuser
 from ray_mff.runner import RunOptions, process_stack
+
+REPO = Path(__file__).resolve().parents[1]
 from ray_mff.stacks import Stack
 from ray_mff.synthetic import render_focus_stack, render_misregistered_stack
 
@@ -212,8 +215,6 @@ def _ray_s3(s3_server, ray_session):
         return os.environ.get("AWS_ACCESS_KEY_ID")
 
     if ray.get(worker_key.remote()) != os.environ["AWS_ACCESS_KEY_ID"]:
-        from tests.conftest import REPO
-
         ray.shutdown()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
@@ -252,7 +253,6 @@ def test_cli_fuse_and_eval_with_alignment(tmp_path, fixtures, capsys):
     import shutil
 
     from ray_mff import cli
-    from tests.conftest import REPO
 
     src = tmp_path / "in"
     src.mkdir()
