@@ -1,6 +1,7 @@
 """Shared pytest fixtures: the repo's paths and the optional ../shared/data folder."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,27 @@ def s3_bucket(s3_server):
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_server, ray_session):
+    """Ray whose workers see the dummy AWS credentials (moto accepts any): the S3 endpoint.
+
+    Workers inherit the environment Ray was started with; if another module started Ray before
+    ``s3_server`` set the credentials, restart it so actors can sign their S3 requests. The
+    process-wide endpoint a test may set (``--s3-endpoint``) is cleared afterwards.
+    """
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    def worker_key():
+        return os.environ.get("AWS_ACCESS_KEY_ID")
+
+    if ray.get(worker_key.remote()) != os.environ["AWS_ACCESS_KEY_ID"]:
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield s3_server
+    from ray_mff import storage
+
+    storage.set_s3_endpoint(None)

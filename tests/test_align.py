@@ -6,7 +6,6 @@ nothing here needs ../shared/data.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -205,39 +204,22 @@ def test_flat_field_from_a_blank_frame(tmp_path):
         align_stack(list(shaded), AlignOptions(flat_field=str(tmp_path / "small.tif")))
 
 
-@pytest.fixture()
-def _ray_s3(s3_server, ray_session):
-    """Ray workers that see the moto credentials (restart Ray if it was started before them)."""
-    ray = ray_session
-
-    @ray.remote(num_cpus=0)
-    def worker_key():
-        return os.environ.get("AWS_ACCESS_KEY_ID")
-
-    if ray.get(worker_key.remote()) != os.environ["AWS_ACCESS_KEY_ID"]:
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield s3_server
-    storage.set_s3_endpoint(None)
-
-
-def test_ray_pipeline_from_s3_with_alignment_and_flat_field(_ray_s3, s3_bucket, moved_stack):
+def test_ray_pipeline_from_s3_with_alignment_and_flat_field(ray_s3, s3_bucket, moved_stack):
     from ray_mff.pipeline import run_pipeline
     from ray_mff.stacks import discover_stacks
 
-    storage.set_s3_endpoint(_ray_s3)
+    storage.set_s3_endpoint(ray_s3)
     _, truth, moved, _ = moved_stack
     for i, img in enumerate(moved):
         io.write_image(f"s3://{s3_bucket}/in/moved/moved_{i}.png", img)
     io.write_image(f"s3://{s3_bucket}/flat.png", np.full(truth.shape[:2], 200, np.uint8))
     opts = RunOptions(align=AlignOptions(mode="similarity", flat_field=f"s3://{s3_bucket}/flat.png"))
     summary = run_pipeline(discover_stacks(f"s3://{s3_bucket}/in"), {"name": "guided"},
-                           f"s3://{s3_bucket}/out", opts, num_actors=1, s3_endpoint=_ray_s3)
+                           f"s3://{s3_bucket}/out", opts, num_actors=1, s3_endpoint=ray_s3)
     assert (summary.fused, summary.failed) == (1, 0)
     import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=_ray_s3, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(endpoint_url=ray_s3, skip_instance_cache=True)
     with fs.open(f"{s3_bucket}/out/manifest.parquet/" + fs.ls(f"{s3_bucket}/out/manifest.parquet")[0].rsplit("/", 1)[-1]) as f:
         row = pd.read_parquet(f).iloc[0]
     assert row["align"] == "similarity/middle+flat" and row["align_failed"] == 0

@@ -32,26 +32,6 @@ pytestmark = pytest.mark.timeout(240)
 # ----------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def ray_s3(s3_server, ray_session):
-    """Ray whose workers see the dummy AWS credentials (moto accepts any).
-
-    Workers inherit the environment Ray was started with; if another module started Ray before
-    ``s3_server`` set the credentials, restart it so actors can sign their S3 requests.
-    """
-    ray = ray_session
-
-    @ray.remote(num_cpus=0)
-    def worker_key():
-        return os.environ.get("AWS_ACCESS_KEY_ID")
-
-    if ray.get(worker_key.remote()) != os.environ["AWS_ACCESS_KEY_ID"]:
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    return s3_server
-
-
 @pytest.fixture(autouse=True)
 def _no_process_endpoint():
     """--s3-endpoint sets a process-wide default: never let it leak from one test to the next."""
