@@ -23,6 +23,16 @@ import numpy as np
 from ray_mff.fusion.luminance import from_unit_float, to_unit_float
 
 
+def _subsample_grid(radius: float, supersample: int) -> tuple[int, int, np.ndarray]:
+    """(R, s, coordinates): kernel half-size R = ceil(radius - 0.5), sub-samples per pixel s, and
+    the (2R+1)*s sub-sample centres along one axis, for anti-aliased aperture kernels."""
+    half = int(np.ceil(radius - 0.5))
+    s = int(supersample)
+    offs = (np.arange(s) + 0.5) / s - 0.5
+    c = np.arange(-half, half + 1, dtype=np.float64)
+    return half, s, (c[:, None] + offs[None, :]).ravel()
+
+
 def disk_psf(radius: float, supersample: int = 8) -> np.ndarray:
     """Pillbox PSF of the given radius (pixels), anti-aliased at its rim, summing to 1.
 
@@ -32,11 +42,7 @@ def disk_psf(radius: float, supersample: int = 8) -> np.ndarray:
     """
     if radius < 0.5:
         return np.ones((1, 1), dtype=np.float32)
-    half = int(np.ceil(radius - 0.5))
-    s = int(supersample)
-    offs = (np.arange(s) + 0.5) / s - 0.5
-    c = np.arange(-half, half + 1, dtype=np.float64)
-    sub = (c[:, None] + offs[None, :]).ravel()  # sub-sample coordinates along one axis
+    half, s, sub = _subsample_grid(radius, supersample)
     inside = (sub[:, None] ** 2 + sub[None, :] ** 2) <= radius * radius
     k = inside.reshape(2 * half + 1, s, 2 * half + 1, s).mean(axis=(1, 3))
     return (k / k.sum()).astype(np.float32)
@@ -62,11 +68,7 @@ def polygon_psf(radius: float, blades: int = 6, rotation: float = 0.0, supersamp
     """
     if radius < 0.5:
         return np.ones((1, 1), dtype=np.float32)
-    half = int(np.ceil(radius - 0.5))
-    s = int(supersample)
-    offs = (np.arange(s) + 0.5) / s - 0.5
-    c = np.arange(-half, half + 1, dtype=np.float64)
-    sub = (c[:, None] + offs[None, :]).ravel()
+    half, s, sub = _subsample_grid(radius, supersample)
     yy, xx = np.meshgrid(sub, sub, indexing="ij")
     # inside a regular polygon: the projection on every edge normal is below the apothem
     inside = np.ones(yy.shape, bool)
