@@ -71,6 +71,9 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
                    help="engine for learned models (auto: TensorRT on NVIDIA GPUs, else ONNX Runtime)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="weights file (.safetensors from `jobs/train.py`) for a learned --method: a local path "
+                        "or an s3:// URI (fetched once per node); default: the weights shipped in the package")
     p.add_argument("--calibration", default="on", choices=["on", "off"],
                    help="stacks of >2 images: decision calibration (on) or serial pair-by-pair fusion (off)")
     p.add_argument("--pattern", default=None,
@@ -147,7 +150,25 @@ def fuser_spec_from_args(args) -> dict:
             "calibration": args.calibration == "on"}
     if args.tile_size is not None:
         spec["tile_size"] = args.tile_size
+    if getattr(args, "weights", None):
+        spec["weights"] = args.weights
     return spec
+
+
+def check_weights(spec: dict) -> None:
+    """Setup check on the driver: ``--weights`` names a readable file of the chosen learned model."""
+    from ray_mff.methods import CLASSICAL_METHODS, local_weights
+
+    if "weights" not in spec:
+        return
+    if spec["name"] in CLASSICAL_METHODS:
+        raise SetupError(f"--weights: method {spec['name']!r} is classical and has no weights")
+    from ray_mff.models import get_model
+
+    try:
+        get_model(spec["name"], weights=local_weights(spec["weights"]))
+    except Exception as err:  # noqa: BLE001 - any reason is a setup error naming the file
+        raise SetupError(f"--weights {spec['weights']}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
 def align_options_from_args(args):
@@ -242,6 +263,7 @@ def run_fuse(args):
         return None
     storage.probe(args.output, write=True)  # after discovery: a new OUTPUT inside INPUT is no empty stack
     spec = fuser_spec_from_args(args)
+    check_weights(spec)
     opts = run_options_from_args(args)
     opts.recipe_id = recipe_id(spec, opts)
     executor, why = args.executor, "asked for"

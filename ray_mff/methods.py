@@ -9,6 +9,8 @@ A fuser is any object with ``name`` and ``fuse(images) -> FusionResult``. Two fa
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -88,6 +90,7 @@ def get_fuser(
 
     name = name or default_method()
     tile_size = options.pop("tile_size", None)
+    weights = local_weights(weights)
     if name in CLASSICAL_METHODS:
         return maybe_tiled(ClassicalFuser(name, _classical(name), options), tile_size)
     from ray_mff.models import list_models
@@ -108,3 +111,31 @@ def get_fuser(
     engine_obj = make_engine(name, engine=engine, precision=precision, weights=weights,
                              max_tile=2 * int(tile_size or DEFAULT_TILE_SIZE))
     return maybe_tiled(ModelFuser(engine_obj, calibration=calibration, **options), tile_size)
+
+
+def local_weights(weights):
+    """``weights`` as something :func:`ray_mff.models.get_model` opens: ``"default"``, None and local
+    paths pass through; a remote URI (``s3://...``) is fetched once per node into the cache
+    (``$RAY_MFF_CACHE/weights/``, named by the URI and its version) and its local path returned, so every
+    Ray actor of a cluster reads the same file without a shared file system."""
+    from ray_mff import storage
+
+    if weights is None or str(weights) == "default" or not storage.is_remote(str(weights)):
+        return weights
+    import hashlib
+
+    from ray_mff.cache import cache_root, file_lock
+
+    uri = str(weights)
+    fs, path = storage.resolve(uri)
+    info = fs.info(path)
+    version = str(info.get("ETag") or info.get("etag") or "") + str(info.get("size"))
+    key = hashlib.sha1(f"{uri}|{version}".encode()).hexdigest()[:16]
+    local = cache_root() / "weights" / f"{key}.safetensors"
+    if not local.is_file():
+        with file_lock(local.with_suffix(".lock")):
+            if not local.is_file():
+                tmp = local.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_bytes(storage.read_bytes(uri))
+                os.replace(tmp, local)
+    return str(local)

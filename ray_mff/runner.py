@@ -236,9 +236,10 @@ _WEIGHTS_HASHES: dict = {}
 def weights_hash(name: str, weights="default") -> str | None:
     """sha1 (16 hex) of a learned model's weights file; cached by path, size and mtime."""
     try:
+        from ray_mff.methods import local_weights
         from ray_mff.models import default_weights_path
 
-        path = default_weights_path(name) if str(weights) == "default" else weights
+        path = default_weights_path(name) if str(weights) == "default" else local_weights(weights)
         st = os.stat(path)
     except Exception:  # noqa: BLE001 - no file: the name alone identifies it
         return None

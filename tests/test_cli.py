@@ -193,3 +193,45 @@ def test_decision_map_picture_from_index_only_result():
 
     pic = _decision_map_image(IndexOnly(np.zeros((2, 2), np.uint8), None, "cascade"), 2)
     np.testing.assert_array_equal(pic, [[255, 0], [0, 255]])
+
+
+def test_fuse_with_weights_file_local_and_s3(tmp_path: Path, s3_server: str, s3_bucket: str, monkeypatch, capsys):
+    """`--weights` fuses with a trained file (local or s3://, fetched once into the cache), is part of
+    the recipe (other weights re-fuse), and a wrong file is a setup error (exit 2) naming it."""
+    import boto3
+    import torch
+
+    from ray_mff.models import build_model, save_weights
+
+    monkeypatch.setenv("RAY_MFF_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "in"
+    src.mkdir()
+    stack, _, _ = render_focus_stack(_texture(64, 80, 5), 2, seed=5, dtype=np.uint8)
+    io.write_image(str(src / "p_A.png"), stack[0])
+    io.write_image(str(src / "p_B.png"), stack[1])
+    torch.manual_seed(0)
+    w1, w2 = tmp_path / "w1.safetensors", tmp_path / "w2.safetensors"
+    save_weights(build_model("ssim"), w1)
+    save_weights(build_model("ssim"), w2)
+    out = tmp_path / "out"
+    base = ["fuse", str(src), str(out), "--method", "ssim", "--executor", "local", "--no-metrics"]
+    assert cli.main(base + ["--weights", str(w1)]) == 0
+    first = (out / "p.png").read_bytes()
+    assert cli.main(base + ["--weights", str(w1)]) == 0  # same recipe: nothing to do
+    assert "0 fused, 1 skipped" in capsys.readouterr().out
+    boto3.client("s3", endpoint_url=s3_server).upload_file(str(w2), s3_bucket, "models/w2.safetensors")
+    uri = f"s3://{s3_bucket}/models/w2.safetensors"
+    assert cli.main(base + ["--weights", uri, "--s3-endpoint", s3_server]) == 0  # new weights: new recipe
+    assert "1 fused" in capsys.readouterr().out
+    assert (out / "p.png").read_bytes() != first
+    assert len(list((tmp_path / "cache" / "weights").glob("*.safetensors"))) == 1
+    for bad, why in ([str(tmp_path / "missing.safetensors"), "no weights file"],
+                     [str(w1), "not 'cascade'"]):
+        args = base + ["--weights", bad]
+        if why.startswith("not"):
+            args[args.index("ssim")] = "cascade"
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert bad in err and why in err and "Traceback" not in err
+    assert cli.main(["fuse", str(src), str(out), "--method", "guided", "--weights", str(w1)]) == 2
+    assert "classical" in capsys.readouterr().err
