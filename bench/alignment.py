@@ -350,7 +350,7 @@ def real_tables(fuser, lytro_pairs: int):
             motion = [align.corner_motion(t, images[0].shape[:2]) for i, t in enumerate(how.transforms) if i != how.reference]
             still += sum(m < align.STILL_PX for m in motion)
             moved_planes += len(motion)
-            held += sum(p.evidence is not None and not align._significant(p.evidence) for p in how.planes)
+            held += len(how.held)
             acc["none"].append(_quality(images, plain, q_y))
             acc["similarity"].append(_quality(aligned, fused, q_y))
             if not name.startswith("stack_v4"):  # the fused frame against the planes as read

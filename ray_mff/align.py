@@ -205,8 +205,14 @@ class StackAlignment:
     def failed(self) -> list[int]:
         return [i for i, p in enumerate(self.planes) if p.status == "failed"]
 
+    @property
+    def held(self) -> list[int]:
+        """Planes where ECC found motion without evidence for it (kept the identity)."""
+        return [i for i, p in enumerate(self.planes) if p.evidence is not None and not _significant(p.evidence)]
+
     def summary(self) -> dict:
-        """Manifest columns: what ran, max shift (px), scale range, worst residual, failures, gains.
+        """Manifest columns: what ran, max shift (px), scale range, worst residual, failures, planes
+        held at the identity for want of evidence of motion, gains.
 
         ``align_residual`` is 1 - ECC correlation of the worst aligned plane against its
         reference (0 = identical after alignment, on the registration images).
@@ -221,6 +227,7 @@ class StackAlignment:
             residuals = [1.0 - p.correlation for p in self.planes if p.status == "ok"]
             row["align_residual"] = round(max(residuals), 5) if residuals else 0.0
             row["align_failed"] = len(self.failed)
+            row["align_held"] = len(self.held)
         if opts.match_exposure and self.planes:
             gains = [p.gain for p in self.planes]
             row["exposure_gain_min"], row["exposure_gain_max"] = round(min(gains), 5), round(max(gains), 5)

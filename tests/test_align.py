@@ -83,7 +83,7 @@ def test_similarity_alignment_restores_fusion_of_a_misregistered_stack(moved_sta
     assert realigned >= registered - 0.5, (registered, unaligned, realigned)
     assert realigned >= unaligned + 3.0, (registered, unaligned, realigned)
     summary = how.summary()
-    assert summary["align"] == "similarity/middle" and summary["align_failed"] == 0
+    assert summary["align"] == "similarity/middle" and summary["align_failed"] == 0 and summary["align_held"] == 0
     true_scales = [np.sqrt(np.linalg.det(t[:2, :2])) for t in transforms]
     assert summary["align_scale_min"] == pytest.approx(min(true_scales), abs=2e-3)
     assert summary["align_scale_max"] == pytest.approx(max(true_scales), abs=2e-3)
@@ -118,7 +118,7 @@ def test_registered_lytro_pair_is_left_as_read(pair):
     reduction, snr = moved.evidence
     assert reduction < MIN_MISFIT_REDUCTION and snr < MIN_MOTION_SNR, moved.evidence
     assert all(np.array_equal(a, p) for a, p in zip(aligned, planes))
-    assert how.summary()["align_max_shift_px"] == 0.0 and how.warning() is None
+    assert how.summary()["align_max_shift_px"] == 0.0 and how.summary()["align_held"] == 1 and how.warning() is None
 
 
 def test_small_real_motion_is_still_applied():
@@ -248,7 +248,7 @@ def test_ray_pipeline_from_s3_with_alignment_and_flat_field(ray_s3, s3_bucket, m
     fs = s3fs.S3FileSystem(endpoint_url=ray_s3, skip_instance_cache=True)
     with fs.open(f"{s3_bucket}/out/manifest.parquet/" + fs.ls(f"{s3_bucket}/out/manifest.parquet")[0].rsplit("/", 1)[-1]) as f:
         row = pd.read_parquet(f).iloc[0]
-    assert row["align"] == "similarity/middle+flat" and row["align_failed"] == 0
+    assert row["align"] == "similarity/middle+flat" and row["align_failed"] == 0 and row["align_held"] == 0
     assert 0 < row["align_max_shift_px"] < 0.03 * 256 * 1.5
     fused = io.read_image(f"s3://{s3_bucket}/out/moved.png")
     mask = np.zeros(truth.shape[:2], bool)
@@ -271,6 +271,7 @@ def test_cli_fuse_and_eval_with_alignment(tmp_path, fixtures, capsys):
     assert cli.main(["fuse", str(src), str(out), "--method", "guided", *args]) == 0
     row = pd.read_parquet(out / "manifest.parquet").iloc[0]
     assert row["align"] == "similarity/middle+exposure" and row["align_failed"] == 0
+    assert row["align_held"] == 1 and row["align_max_shift_px"] == 0.0  # registered: ECC's drift held back
     assert row["exposure_gain_min"] <= 1.0 <= row["exposure_gain_max"]
     capsys.readouterr()
     assert cli.main(["eval", str(src), str(out), "--json", *args]) == 0
