@@ -17,12 +17,19 @@ Four tables, each against a baseline measured in the same run:
 3. *real stacks*: stack_v4 (65 x 1600x1200) and the Lytro pairs and triples fused with
    ``guided`` under ``--align none`` (checked bit-identical to no align stage) and ``similarity``;
    Q_G / Q_Y / Q_MI against the sources in the fused image's frame (as ``ray-mff eval --align``).
+   Also: planes not resampled, and how many of them because their ECC estimate showed no
+   evidence of motion (:meth:`ray_mff.align._Registrar.evidence`); and the aligned fusion scored
+   against the sources as read (the wrong frame for a moved stack; for comparison).
 4. *cost*: alignment time (estimate + apply) / guided fusion time on stack_v4, same run, wall
    clock and process CPU time (the steadier one on a loaded machine).
+5. *resampling kernels* (``--kernels``): CPU time per 1600x1200 RGB plane of the warps OpenCV
+   offers and of a separable resize + phase-shift path, and their accuracy on the synthetic stacks
+   with the true transforms.
 
     .venv/bin/python bench/alignment.py                    # all four (about 10 min on 2 cores)
     .venv/bin/python bench/alignment.py --images 8 --skip-real
     .venv/bin/python bench/alignment.py --real-only        # tables 3 and 4 only
+    .venv/bin/python bench/alignment.py --kernels --images 6   # table 5 only
 """
 from __future__ import annotations
 
@@ -166,16 +173,23 @@ def _pairwise(fn, f=1.0):
     return run
 
 
-def _align_module(preparation=None, **opts):
-    """ray_mff.align as it ships, optionally with another registration image."""
+def _one_direction(registrar, template, moving, m):
+    """Replaces ``_Registrar._symmetric``: the forward ECC estimate alone."""
+    return m
+
+
+def _align_module(preparation=None, symmetric=True, **opts):
+    """ray_mff.align as it ships, optionally with another registration image or one direction only."""
     def run(moved, ref_index):
-        original = align._common_scale
+        original, original_sym = align._common_scale, align._Registrar._symmetric
         if preparation is not None:
             align._common_scale = preparation
+        if not symmetric:
+            align._Registrar._symmetric = _one_direction
         try:
             return estimate_alignment(moved, AlignOptions(mode="similarity", **opts)).transforms
         finally:
-            align._common_scale = original
+            align._common_scale, align._Registrar._symmetric = original, original_sym
 
     return run
 
@@ -191,7 +205,8 @@ def _band_pass(lum, sigma):
 
 def estimator_table(cases) -> list[list[str]]:
     candidates = {
-        "ecc, luminance blurred to a common scale (shipped)": _align_module(),
+        "ecc, luminance blurred to a common scale, both directions averaged (shipped)": _align_module(),
+        "the same, one direction (reference as ECC's template)": _align_module(symmetric=False),
         "ecc, raw luminance": _align_module(lambda x, s: x),
         "ecc, gradient magnitude": _align_module(_gradient_magnitude),
         "ecc, band-pass (DoG)": _align_module(_band_pass),
@@ -240,6 +255,14 @@ def fusion_table(cases, fuser) -> tuple[list[list[str]], dict]:
             if opts is not None:
                 planes, _ = align_stack(planes, opts)
             scores[name].append(psnr(truth, fuser.fuse(planes).fused, mask))
+        original = align._Registrar._symmetric  # the estimate before it was made symmetric
+        align._Registrar._symmetric = _one_direction
+        try:
+            planes, _ = align_stack(list(moved), AlignOptions(mode="similarity"))
+        finally:
+            align._Registrar._symmetric = original
+        scores.setdefault("moved, --align similarity, ECC one direction only", []).append(
+            psnr(truth, fuser.fuse(planes).fused, mask))
         # the resampling kernel of the apply step; and the true transforms (the estimator's ceiling)
         for kernel in align.RESAMPLING:
             planes, _ = align_stack(list(moved), AlignOptions(mode="similarity", resampling=kernel))
@@ -313,9 +336,10 @@ def real_tables(fuser, lytro_pairs: int):
         tri = [[str(triples / f"lytro-0{k}-{c}.jpg") for c in "ABC"] for k in range(1, 5)]
         sets.append(("Lytro triples (4)", tri, True))
     for name, stacks, q_y in sets:
-        acc = {"none": [], "similarity": []}
+        acc = {"none": [], "similarity": [], "similarity, vs sources as read": []}
         identical = True
         still = moved_planes = 0  # non-reference planes within align.STILL_PX of the identity (not resampled)
+        held = 0  # of those, planes whose ECC estimate was not significant (align._Registrar.evidence)
         for uris in stacks:
             images = io.read_stack(uris)
             plain = fuser.fuse(images).fused
@@ -326,16 +350,110 @@ def real_tables(fuser, lytro_pairs: int):
             motion = [align.corner_motion(t, images[0].shape[:2]) for i, t in enumerate(how.transforms) if i != how.reference]
             still += sum(m < align.STILL_PX for m in motion)
             moved_planes += len(motion)
+            held += len(how.held)
             acc["none"].append(_quality(images, plain, q_y))
             acc["similarity"].append(_quality(aligned, fused, q_y))
+            if not name.startswith("stack_v4"):  # the fused frame against the planes as read
+                acc["similarity, vs sources as read"].append(_quality(images, fused, q_y))
             if name.startswith("stack_v4"):
                 cost = cost_rounds(fuser, images, how)
         for mode, rows in acc.items():
+            if not rows:
+                continue
             mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
             quality_lines.append([name, mode, f"{mean['q_g']:.4f}", f"{mean['q_y']:.4f}" if "q_y" in mean else "-",
                                   f"{mean['q_mi']:.4f}", ("yes" if identical else "NO") if mode == "none" else "",
-                                  f"{still}/{moved_planes}" if mode == "similarity" else ""])
+                                  f"{still}/{moved_planes} ({held} held)" if mode == "similarity" else ""])
     return quality_lines, cost
+
+
+# ------------------------------------------------------------------------- 5. resampling kernels
+
+
+def _cubic_taps(e: float) -> np.ndarray:
+    """4-tap cubic convolution kernel (Keys 1981, a = -0.75 as OpenCV) sampling at +e, taps -1..2."""
+    x = np.abs(np.arange(-1, 3) - e)
+    a = -0.75
+    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a, 0.0)).astype(np.float32)
+
+
+def _resize_then_shift(img, m, size):
+    """Scale + shift maps only: cv2.resize (separable, vectorised) by the exact scale, then the
+    sub-pixel phase that resize cannot take (it samples output j at lo + (j + 1/2) a - 1/2 for an
+    integer crop start lo) as a 4-tap cubic shift: two interpolations in a row."""
+    out = img
+    for axis, (a, c) in enumerate(((m[0, 0], m[0, 2]), (m[1, 1], m[1, 2]))):
+        n_out, n_in = size[axis], out.shape[1 - axis]
+        lo = int(np.floor(c)) - 2
+        position = (c - lo + 0.5) / a - 0.5  # resize output index that lands on output 0's source
+        j0 = int(np.floor(position))
+        hi = lo + int(np.ceil((n_out + j0 + 4) * a)) + 4
+        idx = np.clip(np.arange(lo, hi), 0, n_in - 1)  # replicated borders
+        part = np.take(out, idx, axis=1 - axis)
+        fx, fy = (1 / a, 1.0) if axis == 0 else (1.0, 1 / a)
+        r = cv2.resize(part, None, fx=fx, fy=fy, interpolation=cv2.INTER_CUBIC)
+        k = _cubic_taps(position - j0)
+        r = cv2.filter2D(r, -1, k[None] if axis == 0 else k[:, None], anchor=(1, 0) if axis == 0 else (0, 1),
+                         borderType=cv2.BORDER_REPLICATE)
+        out = r[:, j0:j0 + n_out] if axis == 0 else r[j0:j0 + n_out]
+    return np.ascontiguousarray(out)
+
+
+def kernel_table(cases, fuser) -> list[list[str]]:
+    """CPU ms per 1600x1200 RGB plane (stack_v4, a breathing map) and, for the kernels that can,
+    guided fusion of the synthetic stacks with the *true* transforms (PSNR vs registered)."""
+    v4 = sorted((DATA / "stack_v4").glob("*.jpg"))
+    if not v4:
+        return []
+    img = io.read_image(str(v4[9]))
+    h, w = img.shape[:2]
+    m = np.array([[1.031, -0.00024, -20.5], [0.00024, 1.031, -16.2], [0, 0, 1.0]])
+    axis_aligned = m.copy()
+    axis_aligned[0, 1] = axis_aligned[1, 0] = 0.0
+    inv = cv2.WARP_INVERSE_MAP
+    rep = cv2.BORDER_REPLICATE
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))
+    map1, map2 = cv2.convertMaps((m[0, 0] * xs + m[0, 1] * ys + m[0, 2]).astype(np.float32),
+                                 (m[1, 0] * xs + m[1, 1] * ys + m[1, 2]).astype(np.float32), cv2.CV_16SC2)
+
+    def warp(flag, conv=None):
+        def run(x, t, size):
+            y = x if conv is None else x.astype(conv)
+            out = cv2.warpAffine(y, t[:2], size, flags=flag | inv, borderMode=rep)
+            return out if conv is None else np.clip(np.rint(out), 0, 255).astype(x.dtype)
+        return run
+
+    kernels = {
+        "warpAffine bicubic, uint8 (shipped)": (warp(cv2.INTER_CUBIC), m),
+        "warpAffine bicubic, float32 (+ conversions)": (warp(cv2.INTER_CUBIC, np.float32), m),
+        "warpAffine bicubic, uint16 (+ conversions)": (warp(cv2.INTER_CUBIC, np.uint16), m),
+        "warpAffine bilinear, uint8": (warp(cv2.INTER_LINEAR), m),
+        "warpAffine Lanczos-4, uint8": (warp(cv2.INTER_LANCZOS4), m),
+        "remap bicubic, fixed-point maps (CV_16SC2)": (lambda x, t, size: cv2.remap(x, map1, map2, cv2.INTER_CUBIC, borderMode=rep), m),
+        "resize bicubic by the scale (no sub-pixel phase: not a warp)": (
+            lambda x, t, size: cv2.resize(x, None, fx=1 / t[0, 0], fy=1 / t[1, 1], interpolation=cv2.INTER_CUBIC), axis_aligned),
+        "resize bicubic + 4-tap cubic phase shift (no rotation)": (_resize_then_shift, axis_aligned),
+    }
+    lines = []
+    for name, (run, t) in kernels.items():
+        times = []
+        for _ in range(5):
+            c0 = time.process_time()
+            run(img, t, (w, h))
+            times.append(time.process_time() - c0)
+        quality = ""
+        if cases and "not a warp" not in name and "remap" not in name:
+            losses = []
+            for stack, truth, moved, transforms in cases:
+                mask = valid_region(transforms, truth.shape[:2])
+                base = psnr(truth, fuser.fuse(stack).fused, mask)
+                ref = len(moved) // 2
+                planes = [p if i == ref else run(p, tr, (p.shape[1], p.shape[0])) for i, (p, tr) in enumerate(zip(moved, transforms))]
+                losses.append(psnr(truth, fuser.fuse(planes).fused, mask) - base)
+            quality = f"{np.mean(losses):+.2f}"
+        lines.append([name, f"{1000 * np.median(times):.1f}", quality])
+    return lines
 
 
 def main(argv=None) -> int:
@@ -347,6 +465,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-estimators", action="store_true")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--real-only", action="store_true", help="only tables 3 and 4 (real stacks, cost)")
+    p.add_argument("--kernels", action="store_true", help="only table 5 (resampling kernels: time and accuracy)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
     folder = DATA / "bsds500" / "val"
@@ -357,6 +476,12 @@ def main(argv=None) -> int:
     if args.real_only:
         args.skip_estimators = True
         args.images = 0
+    if args.kernels:
+        cases = list(synthetic_cases(folder, args.images, args.planes, args.max_radius))
+        print("5. resampling kernels: CPU ms per 1600x1200 RGB plane (stack_v4, scale 1.031 + shift); "
+              "guided fusion of the synthetic stacks with the true transforms, dB vs registered")
+        print(format_table(["kernel", "CPU ms / plane", "dB vs registered"], kernel_table(cases, fuser), args.markdown))
+        return 0
     cases = list(synthetic_cases(folder, args.images, args.planes, args.max_radius))
     print(f"synthetic: {len(cases)} BSDS500 val images x {args.planes} planes, disk PSF r<={args.max_radius}px, "
           "moved by shifts <= 3% of the width and scales 1 +- 2% (reference: the middle plane)\n")
@@ -376,7 +501,7 @@ def main(argv=None) -> int:
         qlines, cost = real_tables(fuser, args.lytro_pairs)
         print("3. real stacks, guided: quality against the sources in the fused frame")
         print(format_table(["set", "align", "Q_G", "Q_Y", "Q_MI", "none bit-identical",
-                                     "planes not resampled"], qlines, args.markdown))
+                                     "planes not resampled (no evidence of motion)"], qlines, args.markdown))
         if cost:
             print("\n4. stack_v4 cost: align (estimate + apply, bicubic) against guided fusion, alternating rounds")
             lines = [[str(k + 1), f"{e[0]:.2f} / {e[1]:.2f}", f"{a[0]:.2f} / {a[1]:.2f}", f"{g[0]:.2f} / {g[1]:.2f}",

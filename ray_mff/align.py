@@ -14,7 +14,11 @@ into the frame of a reference plane, the same way for every method and both exec
    what makes planes of different focus comparable: a defocus of 8 px at 1600 px is ~1 px at
    256 px, so ECC sees the structure every plane shares. Each plane starts from the previous
    plane's transform at the working level (a sweep breathes smoothly); when that fails it starts
-   again from the coarsest level at the identity. Motion models: ``translation``, ``similarity``
+   again from the coarsest level at the identity. The estimate is then made symmetric: ECC is run
+   back from the plane to the reference at the working level and the two directions averaged,
+   which cancels the part of the defocus bias that changes sign with the direction (halves the
+   unit test stack's loss; on the synthetic benchmark a wash: docs/alignment.md, tables 1-2).
+   Motion models: ``translation``, ``similarity``
    (ECC's affine solution projected onto scale + rotation + shift at every level: ECC has no
    4-parameter model) and ``affine``. ``bench/alignment.py`` measured the choices (docs/alignment.md):
    this is as accurate as ECC at full resolution (0.09 vs 0.07 px median corner error) at a third
@@ -25,7 +29,13 @@ into the frame of a reference plane, the same way for every method and both exec
    the planes' different blur biases ECC, and it measured less accurate (0.20 px).
 3. **checks**: a plane whose ECC does not converge, whose final correlation is below
    ``min_correlation`` or whose transform exceeds the limits (shift, scale, rotation, shear) is
-   left exactly as read and reported; it is never half-applied.
+   left exactly as read and reported; it is never half-applied. A transform that passes is
+   applied only when it is evidence of motion rather than of defocus (:meth:`_Registrar.evidence`):
+   it explains at least half of the identity's misfit, or the translations of the cells of a 3x3
+   grid, registered on their own, follow it with a signal-to-noise ratio of at least 2.5.
+   Otherwise the plane counts as registered (identity, status ``ok``): ECC drifts by up to 2 px
+   between the differently focused but registered Lytro planes, and resampling them only lost
+   fusion quality (docs/alignment.md, "Registered stacks").
 4. **exposure matching** (optional): gain and offset per plane against the reference, fitted on
    strongly low-passed, registered, well-exposed pixels (defocus moves light around locally but
    keeps local means, so a low-pass much wider than the blur is the same in every plane).
@@ -75,6 +85,13 @@ RESAMPLING = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "lanczos4": 
 # already registered, and resampling would only smooth it (bicubic costs ~0.1 dB against the
 # truth, table 2 of docs/alignment.md) and take time. Well under the estimator's own median error.
 STILL_PX = 0.05
+# A registration must be evidence of motion, not of defocus (module docstring, step 3): it is
+# applied when it explains at least MIN_MISFIT_REDUCTION of the identity's ECC misfit at the
+# working level, or when the translations measured in the cells of a 3x3 grid follow it with a
+# signal-to-noise ratio of at least MIN_MOTION_SNR (docs/alignment.md, "Registered stacks").
+MIN_MISFIT_REDUCTION = 0.5
+MIN_MOTION_SNR = 2.5
+_EVIDENCE_GRID = 3
 _ECC_MOTION = {"translation": cv2.MOTION_TRANSLATION, "similarity": cv2.MOTION_AFFINE, "affine": cv2.MOTION_AFFINE}
 
 
@@ -144,6 +161,8 @@ class PlaneAlignment:
     status:      ``reference`` | ``ok`` | ``failed`` | ``skipped`` (mode none).
     reason:      why a registration failed (None otherwise).
     correlation: final ECC correlation against the reference (or chained neighbour).
+    evidence:    (misfit reduction, motion SNR) of the estimated motion (:meth:`_Registrar.evidence`);
+                 a plane whose estimate is not significant keeps the identity (status ``ok``).
     gain, offset: exposure correction ``gain * I + offset`` (offset in full-scale units).
     """
 
@@ -151,6 +170,7 @@ class PlaneAlignment:
     status: str = "skipped"
     reason: str | None = None
     correlation: float = float("nan")
+    evidence: tuple[float, float] | None = None
     gain: float = 1.0
     offset: float = 0.0
 
@@ -185,8 +205,14 @@ class StackAlignment:
     def failed(self) -> list[int]:
         return [i for i, p in enumerate(self.planes) if p.status == "failed"]
 
+    @property
+    def held(self) -> list[int]:
+        """Planes where ECC found motion without evidence for it (kept the identity)."""
+        return [i for i, p in enumerate(self.planes) if p.evidence is not None and not _significant(p.evidence)]
+
     def summary(self) -> dict:
-        """Manifest columns: what ran, max shift (px), scale range, worst residual, failures, gains.
+        """Manifest columns: what ran, max shift (px), scale range, worst residual, failures, planes
+        held at the identity for want of evidence of motion, gains.
 
         ``align_residual`` is 1 - ECC correlation of the worst aligned plane against its
         reference (0 = identical after alignment, on the registration images).
@@ -201,6 +227,7 @@ class StackAlignment:
             residuals = [1.0 - p.correlation for p in self.planes if p.status == "ok"]
             row["align_residual"] = round(max(residuals), 5) if residuals else 0.0
             row["align_failed"] = len(self.failed)
+            row["align_held"] = len(self.held)
         if opts.match_exposure and self.planes:
             gains = [p.gain for p in self.planes]
             row["exposure_gain_min"], row["exposure_gain_max"] = round(min(gains), 5), round(max(gains), 5)
@@ -413,7 +440,26 @@ class _Registrar:
             m = np.eye(3)
             for level in range(len(template.pyramid)):
                 cc, m = self._level(template, moving, level, m)
-        return self._refine(template, img, m, cc)
+        return self._refine(template, img, self._symmetric(template, moving, m), cc)
+
+    def _symmetric(self, template: _Features, moving: _Features, m: np.ndarray) -> np.ndarray:
+        """The mean of ``m`` and the inverse of the backward estimate (the moving plane as the
+        template, started from ``m^-1`` at the working level).
+
+        ECC treats its two images differently (it linearises the warped input, not the template),
+        so between planes of different defocus its error has a part that changes sign with the
+        direction of registration; averaging both directions cancels that part (inverse-consistent
+        registration: Christensen & Johnson, IEEE TMI 20(7), 2001). Measured: the unit test's
+        farthest plane 0.43 -> 0.33 px at the corners, its fusion -0.60 -> -0.29 dB against the
+        unmoved stack; over the benchmark's 12 stacks the worst stack -1.33 -> -1.26 dB but the
+        mean -0.36 -> -0.41 dB (docs/alignment.md, tables 1-2). Near the identity the mean of the two 3x3 maps
+        is their geometric mean to second order, and stays a similarity for ``similarity``.
+        """
+        try:
+            _, backward = self._level(moving, template, -1, np.linalg.inv(m))
+        except cv2.error:
+            return m
+        return (m + np.linalg.inv(backward)) / 2
 
     def _level(self, template: _Features, moving: _Features, level: int, m: np.ndarray) -> tuple[float, np.ndarray]:
         """ECC at one pyramid level; ``m`` and the result in full-resolution coordinates."""
@@ -462,6 +508,53 @@ class _Registrar:
         fitted = _fit_model(src, dst, self.motion)
         return fitted, float(np.mean(ccs))
 
+    def evidence(self, template: _Features, moving: _Features, m: np.ndarray) -> tuple[float, float]:
+        """How strongly the working level supports motion ``m`` over the identity.
+
+        Returns (misfit reduction, motion SNR). The reduction is ``1 - (1 - rho_m) / (1 - rho_0)``
+        with rho the ECC correlation (Evangelidis & Psarakis 2008, eq. 4) of the template with the
+        moving plane as it is (rho_0) and warped by ``m`` (rho_m): the share of the misfit the motion
+        explains. Between differently focused planes much of the misfit is defocus, which no motion
+        explains; ECC still drifts in it, towards where the sharper plane's detail lies. So when the
+        reduction is small, the cells of a 3x3 grid are registered by translation on their own (from
+        the identity): a real motion predicts their shifts, a drift does not. SNR = RMS of the shifts
+        ``m`` predicts at the cell centres / RMS of measured minus predicted (full-resolution px).
+        Only computed when the reduction is under MIN_MISFIT_REDUCTION (else SNR is inf).
+        """
+        ref, mov = template.pyramid[-1], moving.pyramid[-1]
+        h, w = ref.shape
+        s = _level_matrix(template.factors[-1])
+        ml = s @ m @ np.linalg.inv(s)
+        inner = np.zeros((h, w), np.uint8)
+        inner[4:-4, 4:-4] = 1
+        warped = cv2.warpAffine(mov, ml[:2], (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_REPLICATE)
+        misfit_0 = 1.0 - cv2.computeECC(ref, mov, inner)
+        misfit_m = 1.0 - cv2.computeECC(ref, warped, inner)
+        reduction = 1.0 - misfit_m / misfit_0 if misfit_0 > 0 else 0.0
+        if reduction >= MIN_MISFIT_REDUCTION:
+            return float(reduction), float("inf")
+        predicted, residual = [], []
+        g = _EVIDENCE_GRID
+        for y0, y1 in ((h * k // g, h * (k + 1) // g) for k in range(g)):
+            for x0, x1 in ((w * k // g, w * (k + 1) // g) for k in range(g)):
+                mask = np.zeros((h, w), np.uint8)
+                mask[y0:y1, x0:x1] = 1
+                centre = np.array([(x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2, 1.0])
+                expected = ((ml @ centre) - centre)[:2] / s[0, 0]
+                try:
+                    _, warp = cv2.findTransformECC(ref, mov, np.eye(2, 3, dtype=np.float32), cv2.MOTION_TRANSLATION,
+                                                   self.criteria, mask, 1)
+                except cv2.error:
+                    continue  # a cell without texture: no evidence either way
+                predicted.append(expected)
+                residual.append(warp[:, 2] / s[0, 0] - expected)
+        if len(predicted) < 3:
+            return float(reduction), 0.0
+        signal = math.sqrt(np.mean(np.sum(np.square(predicted), axis=1)))
+        noise = math.sqrt(np.mean(np.sum(np.square(residual), axis=1)))
+        return float(reduction), float(signal / noise) if noise > 0 else float("inf")
+
     def check(self, m: np.ndarray, cc: float) -> str | None:
         """Why a registration is not to be applied (None: accept)."""
         o = self.opts
@@ -486,6 +579,12 @@ class _Registrar:
         if sv[0] / sv[1] - 1.0 > o.max_shear:
             return f"anisotropy {sv[0] / sv[1]:.4f} past the limit 1 + {o.max_shear}"
         return None
+
+
+def _significant(evidence: tuple[float, float]) -> bool:
+    """Whether (misfit reduction, motion SNR) from :meth:`_Registrar.evidence` shows real motion."""
+    reduction, snr = evidence
+    return reduction >= MIN_MISFIT_REDUCTION or snr >= MIN_MOTION_SNR
 
 
 def _fit_model(src: np.ndarray, dst: np.ndarray, motion: str) -> np.ndarray:
@@ -626,9 +725,13 @@ def estimate_alignment(planes: Sequence[np.ndarray], options: AlignOptions, *, f
                     local, cc, reason = np.eye(3), float("nan"), f"registration did not converge ({_short(err)})"
                 rec.correlation = cc
                 if reason is None:
+                    guess = local
+                    if corner_motion(local, shape) >= STILL_PX:
+                        rec.evidence = reg.evidence(anchor, feat, local)
+                        if not _significant(rec.evidence):
+                            local = np.eye(3)  # what ECC found is within what defocus alone explains
                     m = local @ anchor_m  # reference -> anchor -> this plane
                     rec.status, rec.transform = "ok", m
-                    guess = local
                 else:
                     rec.status, rec.reason = "failed", reason
             local_gain, local_offset = 1.0, 0.0

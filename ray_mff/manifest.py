@@ -77,6 +77,7 @@ SCHEMA = pa.schema(
         ("align_scale_max", pa.float64()),
         ("align_residual", pa.float64()),
         ("align_failed", pa.int64()),
+        ("align_held", pa.int64()),
         ("exposure_gain_min", pa.float64()),
         ("exposure_gain_max", pa.float64()),
         ("finished_at", pa.timestamp("us", tz="UTC")),

@@ -77,15 +77,13 @@ def test_similarity_alignment_restores_fusion_of_a_misregistered_stack(moved_sta
     realigned = _psnr(truth, fuser.fuse(aligned).fused, mask)
     for i, t in enumerate(transforms):
         assert _corner_error(how.transforms[i], t, truth.shape[:2]) < 0.5, i
-    # The issue asks for 0.5 dB; this stack's farthest plane registers 0.37 px off (a defocus
-    # bias; with the true transforms it fuses 0.28 dB *above* the unmoved stack) and lands at
-    # -0.60 dB. Neither the working size (128/160/256 px), the common-scale blur (1-3 px) nor
-    # chaining (-0.51 dB) brings it within 0.5 dB (measured); bench/alignment.py reports the
-    # mean over BSDS500 val stacks, which is within it (-0.36 dB).
-    assert realigned >= registered - 0.75, (registered, unaligned, realigned)
+    # The issue's bound. This stack's farthest plane carries a defocus bias (0.43 px at the
+    # corners one way): the symmetric estimate (both directions averaged) brings it to 0.33 px
+    # and the fusion from -0.60 to -0.29 dB of the unmoved stack (with the true transforms: +0.28).
+    assert realigned >= registered - 0.5, (registered, unaligned, realigned)
     assert realigned >= unaligned + 3.0, (registered, unaligned, realigned)
     summary = how.summary()
-    assert summary["align"] == "similarity/middle" and summary["align_failed"] == 0
+    assert summary["align"] == "similarity/middle" and summary["align_failed"] == 0 and summary["align_held"] == 0
     true_scales = [np.sqrt(np.linalg.det(t[:2, :2])) for t in transforms]
     assert summary["align_scale_min"] == pytest.approx(min(true_scales), abs=2e-3)
     assert summary["align_scale_max"] == pytest.approx(max(true_scales), abs=2e-3)
@@ -105,6 +103,34 @@ def test_registered_planes_are_not_resampled():
     y0, y1, x0, x1 = how.crop_box
     for i in still + [how.reference]:  # cropped only: pixels copied exactly
         assert np.array_equal(cropped[i], stack[i][y0:y1, x0:x1]), i
+
+
+@pytest.mark.parametrize("pair", ["lytro_18", "lytro_20"])
+def test_registered_lytro_pair_is_left_as_read(pair):
+    # Refocused from one light field: registered. ECC still finds 1-2 px of "motion" between the
+    # differently focused planes; the evidence test (3x3 cell translations) does not support it.
+    from ray_mff.align import MIN_MISFIT_REDUCTION, MIN_MOTION_SNR
+
+    planes = io.read_stack([str(REPO / "examples" / f"{pair}_{c}.png") for c in "AB"])
+    aligned, how = align_stack([p.copy() for p in planes], AlignOptions(mode="similarity"))
+    moved = how.planes[0]
+    assert moved.status == "ok" and moved.evidence is not None
+    reduction, snr = moved.evidence
+    assert reduction < MIN_MISFIT_REDUCTION and snr < MIN_MOTION_SNR, moved.evidence
+    assert all(np.array_equal(a, p) for a, p in zip(aligned, planes))
+    assert how.summary()["align_max_shift_px"] == 0.0 and how.summary()["align_held"] == 1 and how.warning() is None
+
+
+def test_small_real_motion_is_still_applied():
+    # 1.5-3 px of shift and 0.5% of scale between differently focused planes: real motion that the
+    # evidence test must keep, whatever the defocus
+    stack, moved, truth, transforms = render_misregistered_stack(_picture(), 3, seed=5, max_shift=0.012,
+                                                                 max_scale_change=0.005)
+    _, how = align_stack(list(moved), AlignOptions(mode="similarity"))
+    for i, t in enumerate(transforms):
+        if i != how.reference:
+            assert _corner_error(how.transforms[i], t, truth.shape[:2]) < 0.5, (i, how.planes[i].evidence)
+            assert _corner_error(np.eye(3), t, truth.shape[:2]) > 1.0  # it did move
 
 
 def test_aligned_planes_fuse_in_tiles(moved_stack):
@@ -222,7 +248,7 @@ def test_ray_pipeline_from_s3_with_alignment_and_flat_field(ray_s3, s3_bucket, m
     fs = s3fs.S3FileSystem(endpoint_url=ray_s3, skip_instance_cache=True)
     with fs.open(f"{s3_bucket}/out/manifest.parquet/" + fs.ls(f"{s3_bucket}/out/manifest.parquet")[0].rsplit("/", 1)[-1]) as f:
         row = pd.read_parquet(f).iloc[0]
-    assert row["align"] == "similarity/middle+flat" and row["align_failed"] == 0
+    assert row["align"] == "similarity/middle+flat" and row["align_failed"] == 0 and row["align_held"] == 0
     assert 0 < row["align_max_shift_px"] < 0.03 * 256 * 1.5
     fused = io.read_image(f"s3://{s3_bucket}/out/moved.png")
     mask = np.zeros(truth.shape[:2], bool)
@@ -245,6 +271,7 @@ def test_cli_fuse_and_eval_with_alignment(tmp_path, fixtures, capsys):
     assert cli.main(["fuse", str(src), str(out), "--method", "guided", *args]) == 0
     row = pd.read_parquet(out / "manifest.parquet").iloc[0]
     assert row["align"] == "similarity/middle+exposure" and row["align_failed"] == 0
+    assert row["align_held"] == 1 and row["align_max_shift_px"] == 0.0  # registered: ECC's drift held back
     assert row["exposure_gain_min"] <= 1.0 <= row["exposure_gain_max"]
     capsys.readouterr()
     assert cli.main(["eval", str(src), str(out), "--json", *args]) == 0
