@@ -121,6 +121,7 @@ def main(argv=None) -> int:
         for _ in range(max(1, args.repeat)):
             for m in methods:
                 sec, rss = run_isolated(m, weights.get(m), args.engine, kind, count)
+                print(f"  {m} on {kind} x{count}: {sec:.2f} s, peak RSS {rss / 1e9:.2f} GB", file=sys.stderr, flush=True)
                 old = best.get((m, kind))
                 best[(m, kind)] = (min(sec, old[0]) if old else sec, max(rss, old[1]) if old else rss)
     head = ["method", "kFLOP/px", "work", "s per stack", "speed vs guided", "peak RSS GB"]
