@@ -172,3 +172,85 @@ def test_tiled_equals_untiled_with_the_correction():
     assert np.abs(whole.correction).max() > 0.01
     assert np.abs(whole.fused.astype(int) - tiled.fused.astype(int)).max() <= 1
     assert np.abs(whole.weights - tiled.weights).max() < 1e-4
+
+
+# -- stacknet_s: the cheap variant (issue 13's speed bar) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(1)
+    return build_model("stacknet_s").eval()
+
+
+def test_variant_options_leave_the_default_config_alone(net, small):
+    from ray_mff.models.stacknet import flops_per_pixel
+
+    # weights trained before the options existed carry this config: it must rebuild the same net
+    assert set(net.config()) == {"stem", "half", "half_out", "quarter", "joint", "fine", "fused", "band"}
+    assert build_model("stacknet_s", **small.config()).config() == small.config()
+    assert flops_per_pixel(small, 2, size=64) < 0.5 * flops_per_pixel(net, 2, size=64)
+
+
+def test_variant_any_n_equivariant_and_local(small):
+    for n in (2, 3, 5, 8):
+        w, fused = small(torch.rand(1, n, 1, 21, 30))
+        assert w.shape == (1, n, 1, 21, 30) and fused.shape == (1, 1, 21, 30)
+        assert torch.allclose(w.sum(dim=1), torch.ones(1, 1, 21, 30), atol=1e-5)
+    x = torch.rand(1, 4, 1, 192, 224)
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        w1, f1 = small(x)
+        w2, f2 = small(x[:, perm])
+        w_crop, f_crop = small(x[..., :, :192])
+    assert torch.allclose(w1[:, perm], w2, atol=1e-6) and torch.allclose(f1, f2, atol=1e-6)
+    assert torch.allclose(w1[..., :96], w_crop[..., :96], atol=1e-5)
+    assert torch.allclose(f1[..., :96], f_crop[..., :96], atol=1e-5)
+
+
+def test_variant_bounds_coefficient_and_residual():
+    """Bounded full-resolution coefficient a and fused-result residual: even with exploding head
+    weights, noise cannot flip decisions in flat areas or paint large residuals."""
+    torch.manual_seed(2)
+    net = build_model("stacknet_s").eval()
+    with torch.no_grad():
+        for m in (net.head2, net.fused_net[-1]):
+            m.weight.mul_(1e4)
+            m.bias.fill_(1e3)
+        y = torch.rand(1, 3, 1, 32, 40)
+        feats = net.encode(y.flatten(0, 1)).unflatten(0, (1, -1))
+        half = net.half_logits(feats, y)
+        _, w, fused = net.decide_stack(feats, y)
+    assert half[:, :, 1].abs().max() <= net.coef_bound + 1e-4
+    blend = (w * y).sum(dim=1)
+    assert (fused - blend).abs().max() <= net.residual_bound + 1e-4
+
+
+def test_variant_onnx_within_one_grey_level_and_tiled_equals_untiled(small, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from ray_mff.engines.stack_engine import StackOnnxEngine, StackTorchEngine, export_stack_model
+    from ray_mff.fusion.stack_fuser import StackFuser
+    from ray_mff.tiling import TiledFuser
+
+    onnx, ref = StackOnnxEngine(*export_stack_model(small, tmp_path), threads=1), StackTorchEngine(small)
+    rng = np.random.default_rng(5)
+    for n in (2, 4):  # one graph, any N (the export traced 3)
+        stack = [(rng.random((50, 46, 3)) * 255).astype(np.uint8) for _ in range(n)]
+        a, b = StackFuser(ref).fuse(stack), StackFuser(onnx).fuse(stack)
+        assert np.abs(a.fused.astype(int) - b.fused.astype(int)).max() <= 1
+        assert np.abs(a.weights - b.weights).max() < 1e-4
+    # the real network tiled: its receptive field fits a 112 px margin
+    smooth = cv2_blur([(rng.random((300, 260)) * 255).astype(np.uint8) for _ in range(3)])
+    inner = StackFuser(onnx)
+    whole = inner.fuse(smooth)
+    tiled = TiledFuser(inner, tile_size=288, margin=112, feather=16, align=4, untiled_max_side=128).fuse(smooth)
+    assert tiled.stats["tiles"] > 1
+    assert np.abs(whole.fused.astype(int) - tiled.fused.astype(int)).max() <= 1
+    assert np.abs(whole.weights - tiled.weights).max() < 1e-3
+
+
+def cv2_blur(images):
+    """Images with some structure (smoothed noise), so the decision is not a coin toss."""
+    import cv2
+
+    return [cv2.GaussianBlur(img, (0, 0), 1.0 + k) for k, img in enumerate(images)]

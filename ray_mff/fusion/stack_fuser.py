@@ -106,19 +106,20 @@ class StackFuser:
         blend = np.einsum("nhw,nhw->hw", wts, crop_to(y, h, w)[:, 0])
         return np.ascontiguousarray(np.moveaxis(wts, 0, -1)), crop_to(fused, h, w)[0, 0] - blend
 
-    def _calibrated(self, lums: list[np.ndarray], h: int, w: int, ref: int,
+    def _calibrated(self, images: Sequence[np.ndarray], h: int, w: int, ref: int,
                     chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        n = len(lums)
+        # luminances are made chunk by chunk: a long stack's N float32 planes are never all held
+        n = len(images)
         cal = DecisionCalibrator(n, ref, (h, w), mode="softmax", beta=0.0, eps=CAL_EPS, temperature=1.0 / CAL_SCALE)
         cal.add_reference()
-        y_ref = self._prep(lums[ref])
+        y_ref = self._prep(luminance(images[ref]))
         f_ref = self._encode([y_ref])
         others = [k for k in range(n) if k != ref]
         correction = np.zeros((h, w), np.float32)
         best_chunk = np.full((h, w), -np.inf, np.float32)
         for i in range(0, len(others), chunk - 1):
             part = others[i:i + chunk - 1]
-            ys = [self._prep(lums[k]) for k in part]
+            ys = [self._prep(luminance(images[k])) for k in part]
             feats = np.concatenate([f_ref, self._encode(ys)], axis=0)
             y = np.concatenate([y_ref] + ys, axis=0)
             logit, wts, fused = self.engine.decide_stack(feats, y)
@@ -141,15 +142,14 @@ class StackFuser:
         t0 = time.perf_counter()
         n = len(images)
         h, w = images[0].shape[:2]
-        lums = [luminance(img) for img in images]
         ref = None
         chunk = max(2, min(self.chunk, CHUNK_PIXELS // (h * w)))
         if n <= chunk or not self.calibration:
-            weights, correction = self._joint(lums, h, w)
+            weights, correction = self._joint([luminance(img) for img in images], h, w)
             mode = "pair" if n == 2 else "joint"
         else:
             ref = n // 2 if self.reference is None else int(self.reference)
-            weights, correction = self._calibrated(lums, h, w, ref, chunk)
+            weights, correction = self._calibrated(images, h, w, ref, chunk)
             mode = "calibrated"
         fused = fuse_with_correction(images, weights, correction)
         desc = describe_engine(self.engine)

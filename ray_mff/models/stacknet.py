@@ -79,11 +79,15 @@ def stack_max(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=1, keepdim=True)
 
 
-def softmax_over_stack(logit: torch.Tensor) -> torch.Tensor:
+def softmax_over_stack(logit: torch.Tensor, with_sum: bool = False):
     """Softmax over N of (B, N, 1, H, W), written out (max, exp, sum): ONNX Runtime runs a Softmax
-    on a non-last axis through transposes, these element-wise passes are cheaper."""
+    on a non-last axis through transposes, these element-wise passes are cheaper.
+    ``with_sum``: also return S = sum_n exp(l_n - max_m l_m) (B, 1, 1, H, W), whose inverse is the
+    largest weight (the largest exponent is exp(0) = 1): :func:`_unsure_from_sum`."""
     e = torch.exp(logit - logit.amax(dim=1, keepdim=True))
-    return e / e.sum(dim=1, keepdim=True)
+    total = e.sum(dim=1, keepdim=True)
+    weights = e / total
+    return (weights, total) if with_sum else weights
 
 
 class JointLayer(nn.Module):
@@ -124,33 +128,62 @@ class StackNet(nn.Module):
     training_objective = "stack_truth"
 
     def __init__(self, stem: int = 8, half: int = 16, half_out: int = 8, quarter: int = 32, joint: int = 32,
-                 fine: int = 16, fused: int = 8, band: int = 5):
+                 fine: int = 16, fused: int = 8, band: int = 5, stem_stride: int = 1, half_blocks: int = 2,
+                 dilations: tuple[int, ...] = (1, 2, 4), fused_stride: int = 1, coef_bound: float | None = None,
+                 residual_bound: float | None = None, half_joint: bool = True, half_from_image: bool = False):
         super().__init__()
+        if stem_stride not in (1, 2) or fused_stride not in (1, 2):
+            raise ValueError(f"stem_stride and fused_stride must be 1 or 2, got {stem_stride}, {fused_stride}")
+        dilations = tuple(int(d) for d in dilations)
         self._config = dict(stem=stem, half=half, half_out=half_out, quarter=quarter, joint=joint, fine=fine,
                             fused=fused, band=band)
+        # the cheaper options (issue 13's speed bar) enter the config only when set, so the
+        # config stored with weights trained before them stays what it was
+        extra = dict(stem_stride=stem_stride, half_blocks=half_blocks, dilations=list(dilations),
+                     fused_stride=fused_stride, coef_bound=coef_bound, residual_bound=residual_bound,
+                     half_joint=half_joint, half_from_image=half_from_image)
+        defaults = dict(stem_stride=1, half_blocks=2, dilations=[1, 2, 4], fused_stride=1, coef_bound=None,
+                        residual_bound=None, half_joint=True, half_from_image=False)
+        self._config.update({k: v for k, v in extra.items() if v != defaults[k]})
         self.half_out, self.band = half_out, band
+        self.stem_stride, self.fused_stride = stem_stride, fused_stride
+        self.coef_bound, self.residual_bound = coef_bound, residual_bound
+        self.half_joint, self.half_from_image = bool(half_joint), bool(half_from_image)
         # 1. per-image encoder
-        self.stem = _conv(1, stem)
-        self.down1 = _conv(stem, half, stride=2)
-        self.half_blocks = nn.Sequential(ResidualBlock(half), ResidualBlock(half))
-        self.half_proj = _conv(half, half_out, kernel=1)
+        if stem_stride == 2:
+            # a 4x4 stride-2 stem (a 2x2 conv on the image's 2x2 polyphase components): the encoder
+            # works at 1/2 resolution from the start, no full-resolution feature map is written
+            self.stem = nn.Conv2d(1, half, 4, stride=2, padding=1)
+        else:
+            self.stem = _conv(1, stem)
+            self.down1 = _conv(stem, half, stride=2)
+        self.half_blocks = nn.Sequential(*[ResidualBlock(half) for _ in range(half_blocks)])
+        if not half_from_image:
+            self.half_proj = _conv(half, half_out, kernel=1)
         self.down2 = _conv(half, quarter, stride=2)
-        self.quarter_blocks = nn.Sequential(ResidualBlock(quarter, 1), ResidualBlock(quarter, 2),
-                                            ResidualBlock(quarter, 4))
+        self.quarter_blocks = nn.Sequential(*[ResidualBlock(quarter, d) for d in dilations])
         # 2. joint comparison at 1/4 resolution, dilated context
         self.joint1 = JointLayer(quarter, joint, dilation=4)
         self.joint2 = JointLayer(joint, joint, dilation=8)
         self.logit4 = _conv(joint, 1, kernel=1)
         self.context4 = _conv(joint, fine, kernel=1)  # added to the 1/2-resolution input after upsampling
         # at 1/2 resolution: the image's own half-resolution features + the upsampled context
-        self.half_in = _conv(half_out, fine)
-        self.joint_half = JointLayer(fine, fine, dilation=1)
+        # half_from_image: the 1/2-resolution detail is read from the image itself in the joint
+        # graph (a 4x4 stride-2 conv of y), so the encoder returns 1/4-resolution features only and
+        # no 1/2-resolution map is folded into them and unfolded again
+        self.half_in = nn.Conv2d(1, fine, 4, stride=2, padding=1) if half_from_image else _conv(half_out, fine)
+        if half_joint:
+            self.joint_half = JointLayer(fine, fine, dilation=1)
         # logit correction and the coefficients (a, b) of a local linear model in the image
         self.head2 = _conv(fine, 3, kernel=1)
         # 3. fused-result branch (once per stack): [blend, weighted std, uncertainty]; 1x1 after the
-        # first layer (ONNX Runtime runs few-channel 3x3 outputs at full resolution slowly)
-        self.fused_net = nn.Sequential(_conv(3, fused), nn.ReLU(), _conv(fused, fused, kernel=1), nn.ReLU(),
-                                       _conv(fused, 2, kernel=1))
+        # first layer (ONNX Runtime runs few-channel 3x3 outputs at full resolution slowly).
+        # fused_stride 2: the same three maps read by a 4x4 stride-2 conv and the two outputs of
+        # each 2x2 block unfolded back (pixel_shuffle): a per-pixel output from 1/4 of the
+        # full-resolution intermediate memory
+        first = _conv(3, fused) if fused_stride == 1 else nn.Conv2d(3, fused, 4, stride=2, padding=1)
+        self.fused_net = nn.Sequential(first, nn.ReLU(), _conv(fused, fused, kernel=1), nn.ReLU(),
+                                       _conv(fused, 2 * fused_stride * fused_stride, kernel=1))
 
     def config(self) -> dict:
         """Constructor arguments (stored in the safetensors metadata by ``save_weights``)."""
@@ -162,55 +195,82 @@ class StackNet(nn.Module):
         """Luminances (M, 1, H, W), H and W multiples of 4 -> features (M, 4 half_out + quarter, H/4, W/4).
 
         Run once per image of a stack (the encoder sees one image only)."""
-        s = F.relu(self.stem(y))
-        h = self.half_blocks(F.relu(self.down1(s)))
+        if self.stem_stride == 2:
+            h = self.half_blocks(F.relu(self.stem(y)))
+        else:
+            h = self.half_blocks(F.relu(self.down1(F.relu(self.stem(y)))))
         q = self.quarter_blocks(F.relu(self.down2(h)))
+        if self.half_from_image:
+            return q
         return torch.cat([F.pixel_unshuffle(F.relu(self.half_proj(h)), 2), q], dim=1)
 
     # -- per stack -------------------------------------------------------------------------------------
 
-    def half_logits(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, N, C, H/4, W/4) features -> (B, N, 3, H/2, W/2): logit, a, b at 1/2 resolution."""
+    def half_logits(self, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(B, N, C, H/4, W/4) features, (B, N, 1, H, W) luminances -> (B, N, 3, H/2, W/2): logit,
+        a, b at 1/2 resolution."""
         b = feats.shape[0]
-        half = F.pixel_shuffle(feats[:, :, :4 * self.half_out].flatten(0, 1), 2)
-        z = self.joint2(self.joint1(feats[:, :, 4 * self.half_out:])).flatten(0, 1)
+        if self.half_from_image:
+            half, quarter = y.flatten(0, 1), feats
+        else:
+            half = F.pixel_shuffle(feats[:, :, :4 * self.half_out].flatten(0, 1), 2)
+            quarter = feats[:, :, 4 * self.half_out:]
+        z = self.joint2(self.joint1(quarter)).flatten(0, 1)
         u = F.relu(self.half_in(half) + _up2(self.context4(z)))
-        u = self.joint_half(u.unflatten(0, (b, -1))).flatten(0, 1)
+        if self.half_joint:
+            u = self.joint_half(u.unflatten(0, (b, -1))).flatten(0, 1)
         out = self.head2(u)
-        return torch.cat([out[:, :1] + _up2(self.logit4(z)), out[:, 1:]], dim=1).unflatten(0, (b, -1))
+        coef = out[:, 1:2]
+        if self.coef_bound:
+            # |a| <= coef_bound: image noise sigma moves the full-resolution logit by at most
+            # coef_bound * sigma, so flat areas cannot speckle (model card: a defect of the unbounded a)
+            coef = self.coef_bound * torch.tanh(coef / self.coef_bound)
+        return torch.cat([out[:, :1] + _up2(self.logit4(z)), coef, out[:, 2:]], dim=1).unflatten(0, (b, -1))
 
     def logits(self, feats: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-image focus logits (B, N, 1, H, W) from features (B, N, C, H/4, W/4) and luminances
         (B, N, 1, H, W). Equivariant in N: permuting the images permutes the logits."""
-        return self._logits(self.half_logits(feats), y)
+        return self._logits(self.half_logits(feats, y), y)
 
     def _logits(self, half: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # full resolution: a local linear model in the image itself, logit = up(l2) + up(a) y + up(b)
         # (the guided filter's form, He et al. 2013, with coefficients predicted at 1/2 resolution as
         # in Wu et al., "Fast end-to-end trainable guided filter", CVPR 2018): boundaries follow the
         # image's edges to the pixel, at the cost of a few element-wise passes
+        # up(l2) + up(b) = up(l2 + b) (bilinear upsampling is linear): two maps to upsample, not three
         b = half.shape[0]
-        lab = _up2(half.flatten(0, 1))
-        return (lab[:, :1] + lab[:, 1:2] * y.flatten(0, 1) + lab[:, 2:]).unflatten(0, (b, -1))
+        half = half.flatten(0, 1)
+        up = _up2(torch.cat([half[:, :1] + half[:, 2:], half[:, 1:2]], dim=1))
+        return (up[:, :1] + up[:, 1:] * y.flatten(0, 1)).unflatten(0, (b, -1))
 
-    def fuse_result(self, weights: torch.Tensor, y: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
-        """Fused luminance (B, 1, H, W): the weighted blend plus a residual gated to ``band``."""
+    def fuse_result(self, weights: torch.Tensor, y: torch.Tensor, band: torch.Tensor,
+                    unsure: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused luminance (B, 1, H, W): the weighted blend plus a residual gated to ``band``
+        (``unsure``: :func:`_unsure` of the weights when the caller has it)."""
         blend = (weights * y).sum(dim=1)
         var = ((weights * y * y).sum(dim=1) - blend * blend).clamp_min(0.0)
         std = torch.sqrt(var + 1e-6)  # the sources' disagreement under the weights
-        out = self.fused_net(torch.cat([blend, std, _unsure(weights)], dim=1))
-        return blend + torch.sigmoid(out[:, 1:]) * band * out[:, :1]
+        maps = torch.cat([blend, std, _unsure(weights) if unsure is None else unsure], dim=1)
+        if self.fused_stride == 2:
+            out = F.pixel_shuffle(self.fused_net(maps), 2)
+        else:
+            out = self.fused_net(maps)
+        residual = out[:, :1]
+        if self.residual_bound:
+            residual = self.residual_bound * torch.tanh(residual / self.residual_bound)
+        return blend + torch.sigmoid(out[:, 1:]) * band * residual
 
     def decide_stack(self, feats: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features (B, N, C, H/4, W/4), luminances (B, N, 1, H, W)) -> (logits, weights, fused):
         logits and softmax weights (B, N, 1, H, W), fused luminance (B, 1, H, W)."""
-        half = self.half_logits(feats)
+        half = self.half_logits(feats, y)
         logit = self._logits(half, y)
-        weights = softmax_over_stack(logit)
+        n = _stack_size(logit)
+        weights, total = softmax_over_stack(logit, with_sum=True)
         # the boundary band, from the 1/2-resolution decision (4x fewer pixels to max-pool)
-        unsure = _unsure(softmax_over_stack(half[:, :, :1]))
+        unsure = _unsure_from_sum(softmax_over_stack(half[:, :, :1], with_sum=True)[1], n)
         band = _up2(F.max_pool2d(unsure, self.band, stride=1, padding=self.band // 2))
-        return logit, weights, self.fuse_result(weights, y, band)
+        return logit, weights, self.fuse_result(weights, y, band, _unsure_from_sum(total, n))
 
     def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack (B, N, 1, H, W), any H, W, N >= 2 -> (weights (B, N, 1, H, W), fused (B, 1, H, W)).
@@ -225,6 +285,40 @@ class StackNet(nn.Module):
         feats = self.encode(yp).unflatten(0, (b, -1))
         _, weights, fused = self.decide_stack(feats, yp.unflatten(0, (b, -1)))
         return weights[..., :h, :w], fused[..., :h, :w]
+
+
+#: the cheap variant's architecture (issue 13's speed bar; see :class:`StackNetS`)
+SMALL = dict(half=16, quarter=24, joint=16, fine=8, fused=8, band=5, stem_stride=2, half_blocks=1,
+             dilations=(1, 2, 4), fused_stride=2, coef_bound=16.0, residual_bound=0.25, half_joint=False,
+             half_from_image=True)
+
+
+@register_model("stacknet_s")
+class StackNetS(StackNet):
+    """:class:`StackNet` built for speed on CPU: the stem reads the pixel-unshuffled image at 1/2
+    resolution (no full-resolution feature map in the encoder), one residual block at 1/2
+    resolution, narrower 1/4-resolution and joint layers, the fused-result branch at 1/2
+    resolution on the unshuffled maps, and bounded full-resolution coefficient and residual
+    (no speckle in flat areas). Same interfaces, any N; arguments as :class:`StackNet`."""
+
+    registry_name = "stacknet_s"
+
+    def __init__(self, **config):
+        super().__init__(**{**SMALL, **config})
+        self._config = {**SMALL, **config}
+        self._config["dilations"] = list(self._config["dilations"])
+
+
+def _stack_size(x: torch.Tensor) -> torch.Tensor:
+    """N of (B, N, C, H, W) as a (B, 1, 1, 1, 1) tensor, from one pixel (keeps N dynamic in ONNX)."""
+    # x * 0 + 1, not ones_like: the TorchScript exporter folds ones_like to the traced shape
+    return (x[:, :, :1, :1, :1] * 0.0 + 1.0).sum(dim=1, keepdim=True)
+
+
+def _unsure_from_sum(total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """:func:`_unsure` from the softmax's sum S (max_n w_n = 1 / S) and N: no pass over the N
+    weights. (B, 1, 1, H, W) -> (B, 1, H, W)."""
+    return ((1.0 - 1.0 / total) / (1.0 - 1.0 / n)).squeeze(1)
 
 
 def _unsure(weights: torch.Tensor) -> torch.Tensor:
