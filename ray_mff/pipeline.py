@@ -77,19 +77,16 @@ log = logging.getLogger("ray_mff")
 
 
 def stack_to_item(stack: Stack) -> dict:
-    """A Stack as a Ray Data row of plain strings: ``stack_id`` and the stack as JSON.
+    """A Stack as a Ray Data row of plain strings: ``stack_id`` and the stack as JSON
+    (:func:`ray_mff.runner.stack_json`).
 
     JSON rather than list columns keeps the input free of ragged object arrays (which Ray Data
     would turn into tensor extension types) and round-trips ``meta`` (sizes, warnings, errors).
     """
-    payload = {"id": stack.id, "uris": list(stack.uris), "meta": stack.meta}
-    return {"stack_id": stack.id, "stack": json.dumps(payload, default=_jsonable)}
+    return {"stack_id": stack.id, "stack": runner.stack_json(stack)}
 
 
-def stack_from_item(text: str) -> Stack:
-    d = json.loads(text)
-    meta = {k: tuple(v) if isinstance(v, list) else v for k, v in d["meta"].items()}
-    return Stack(d["id"], tuple(d["uris"]), meta)
+stack_from_item = runner.stack_from_json
 
 
 def _jsonable(value):
@@ -746,7 +743,7 @@ def run_pipeline(
     plan = runner.plan_stacks(stacks, output_root, opts)
     todo = plan.todo
     summary = runner.new_summary(plan, run_id, output_root)
-    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), len(plan.skipped))
+    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), plan.n_skipped)
     if not todo:
         return summary  # nothing to do: do not start (or connect to) Ray at all
     if fuser_factory is None and _workers_are_here(ray_address):

@@ -409,6 +409,80 @@ def test_manifest_compaction_schema_evolution_and_seq_order(tmp_path, capsys, mo
     assert sorted(_latest(out).index) == ids and len(set(_latest(out).run_id)) == 1
 
 
+def _old_planner():
+    """The previous (per-stack loop) planner, kept in bench/manifest.py as the benchmark's baseline."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_manifest", REPO / "bench" / "manifest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.old_plan
+
+
+def test_vectorised_plan_decides_as_the_stack_by_stack_plan(tmp_path):
+    """The Arrow planner (list or listing-table input) against the old loop on a mixed manifest:
+    every reason, the waiting errors, legacy rows, outputs outside OUTPUT, newest-by-seq, force."""
+    import datetime as dt
+
+    from ray_mff.stacks import Stack
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    stacks = [Stack(f"s{i:02d}", (f"/in/s{i:02d}_A.png", f"/in/s{i:02d}_B.png"),
+                    {"sizes": (10, 11), "versions": ("1", str(i)), "folder": ""}) for i in range(18)]
+    fp = {s.id: runner.source_fingerprint(s) for s in stacks}
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+    def row(sid, seq, **kw):
+        path = out / f"{sid}.png"
+        path.touch()
+        return {"run_id": "r", "stack_id": sid, "source_fingerprint": fp[sid], "recipe_id": "R", "status": "ok",
+                "output_uri": str(path), "seq": seq, "finished_at": now, **kw}
+
+    rows = [row("s00", 0),                                                     # done: skipped
+            row("s01", 1, output_uri=str(out / "gone.png")),                   # output missing
+            row("s02", 2, source_fingerprint="other"),                         # input changed
+            row("s03", 3, recipe_id="old"),                                    # recipe changed
+            row("s04", 4, status="error", error="x", error_kind="storage"),    # retry storage error
+            row("s05", 5, status="error", error="s05: corrupt", error_kind="input"),      # waits
+            row("s06", 6, status="error", error="s06: died twice", error_kind="resource"),  # waits
+            row("s07", 7, status="error", error="No space left on device"),    # no kind: storage by message
+            row("s08", 8, status="error", error="s08: bad pixels", error_kind=""),  # no kind: input, waits
+            row("s10", 9), row("s10", 10, status="error", error="e", error_kind="input"),  # newest wins: waits
+            row("s11", 11, status="error", error="e", error_kind="input"), row("s11", 12),   # newest: ok
+            row("s12", 13, output_uri=str(elsewhere / "s12.png")),            # outside OUTPUT: a HEAD, there
+            row("s13", 14, output_uri=str(elsewhere / "nope.png")),           # outside OUTPUT, missing
+            row("s14", 15, status="error", error="bug", error_kind="internal"),  # retry internal error
+            row("s15", 16, output_uri=None),                                   # ok row without output
+            row("s16", 17, output_uri=str(out / "sub" / "s16.png"))]          # in a sub-folder
+    (elsewhere / "s12.png").touch()
+    (out / "sub" / "s16.png").touch()
+    # a row written before seq and recipes existed: its fingerprint is names + sizes (s09: new)
+    legacy = {**row("s17", None, recipe_id=None), "source_fingerprint": runner.legacy_fingerprint(stacks[17])}
+    manifest.write_part(str(out), rows + [legacy], "r", 0)
+    old_plan = _old_planner()
+    for opts in (runner.RunOptions(recipe_id="R"), runner.RunOptions(recipe_id="R", retry_errors=True),
+                 runner.RunOptions(recipe_id=None), runner.RunOptions(recipe_id="other"),
+                 runner.RunOptions(recipe_id="R", force=True)):
+        todo, reasons, n_skipped, waiting = old_plan(stacks, str(out), opts)
+        for given in (stacks, runner.listing_table(iter(stacks), chunk=5)):
+            plan = runner.plan_stacks(given, str(out), opts)
+            assert [s.id for s in plan.todo] == [s.id for s in todo] and plan.reasons == reasons, opts
+            assert (plan.n_skipped, plan.waiting, plan.first_seq) == (n_skipped, waiting, 18)
+            assert plan.todo == todo and [s.meta for s in plan.todo] == [s.meta for s in todo]  # round-trip
+            assert {s.id for s in plan.skipped} == {s.id for s in stacks} - set(reasons)
+    plan = runner.plan_stacks(stacks, str(out), runner.RunOptions(recipe_id="R"))
+    assert plan.reasons == {"s01": "output missing", "s02": "input changed", "s03": "recipe changed",
+                            "s04": "retry storage error", "s07": "retry storage error", "s09": "new",
+                            "s13": "output missing", "s14": "retry internal error", "s15": "output missing"}
+    assert plan.waiting == 4 and plan.n_skipped == 9  # s05 s06 s08 s10 wait; s00 s11 s12 s16 s17 done
+    (out / "sub" / "s16.png").unlink()
+    assert runner.plan_stacks(stacks, str(out), runner.RunOptions(recipe_id="R")).reasons["s16"] == "output missing"
+    assert runner.plan_stacks(stacks, str(tmp_path / "new"), runner.RunOptions()).reasons == \
+        {s.id: "new" for s in stacks}
+
+
 # ------------------------------------------------------------------------------------- 9: memory
 
 
