@@ -223,6 +223,7 @@ class FuseStage:
         fused: list = [None] * len(rows)
         decision: list = [None] * len(rows)
         start = time.time()
+        begun = self._begin(rows)
         for group in self._same_shape_groups(rows, stacks):
             t0 = time.perf_counter()
             results = self._fuse_group([list(stacks[i]) for i in group], [rows[i]["stack_id"] for i in group])
@@ -244,6 +245,8 @@ class FuseStage:
                 fused[i] = stacks[i][0]
                 row.update(engine="none", warning=row.get("warning") or "one-image stack passed through unfused")
             row.update(_actor=self.actor_id, _fuse_start=start, _fuse_end=time.time())
+        for stack_id in begun:
+            self.opts.attempt_ledger.end(stack_id)
         out = _stage_table(rows, fused=fused, decision=decision)
         if self.opts.compute_metrics:  # the sources go on to be scored: the same Arrow buffers, no copy
             out = out.append_column("sources", batch.column("sources"))
@@ -252,6 +255,21 @@ class FuseStage:
             batch = batch.set_column(batch.schema.get_field_index("sources_layout"), "sources_layout",
                                      pa.array([""] * len(rows), pa.string()))
         return out.append_column("sources_layout", batch.column("sources_layout"))
+
+    def _begin(self, rows: list[dict]) -> list[str]:
+        """Tell the run's :class:`AttemptLedger` which stacks this call fuses; a stack whose worker
+        already died twice on it becomes an error row (``resource``) instead of a third death."""
+        ledger = self.opts.attempt_ledger
+        if ledger is None:
+            return []
+        begun = []
+        for row in rows:
+            if row.get("status") is None:
+                begun.append(row["stack_id"])
+                if ledger.begin(row["stack_id"]) >= 2:
+                    row.update(status=manifest.STATUS_ERROR, error=runner.died_twice(row["stack_id"]),
+                               error_kind="resource")
+        return begun
 
     @staticmethod
     def _same_shape_groups(rows: list[dict], stacks: list) -> list[list[int]]:

@@ -367,6 +367,11 @@ def check_lease(uri: str, opts: RunOptions) -> None:
         raise LeaseLost(uri, "not written: another run holds the output's lease now")
 
 
+def died_twice(stack_id: str) -> str:
+    """The error of a stack whose worker died twice while fusing it (``pipeline.AttemptLedger``)."""
+    return f"{stack_id}: its worker died twice while fusing it (out of memory?)"
+
+
 def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> dict:
     """Read, align, fuse, write and score one stack; return its manifest row (status ok or error,
     with ``error_kind``). The row carries the seconds of each stage (``read_s``, ``fuse_s``,
@@ -378,7 +383,7 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
     ledger = opts.attempt_ledger
     try:
         if ledger is not None and ledger.begin(stack.id) >= 2:
-            raise MemoryError(f"{stack.id}: its worker died twice while fusing it (out of memory?)")
+            raise MemoryError(died_twice(stack.id))
         if stack.meta.get("error"):
             where = stack.uris[0] if stack.uris else stack.meta.get("folder_uri", stack.id)
             raise EmptyStackError(where, stack.meta["error"])

@@ -376,6 +376,144 @@ def test_storage_lost_mid_run_stops_then_rerun_finishes(own_moto, tmp_path, caps
     _assert_all_done_once(Path(out), ids)
 
 
+# ------------------------------------------------------------------- the same faults under the Ray executor
+
+
+def _ray_fuse(src, out, *extra) -> int:
+    return cli.main(["fuse", str(src), str(out), *GUIDED, "--executor", "ray", "--num-actors", "1",
+                     "--flush-every", "1", *extra])
+
+
+def _ok_rows_per_stack(out) -> dict:
+    rows = manifest.read_manifest(str(out)).to_pandas()
+    return rows[rows.status == "ok"].stack_id.value_counts().to_dict()
+
+
+def test_storage_lost_mid_run_under_ray_stops_with_a_summary(ray_s3, own_moto, tmp_path, capsys):
+    """moto stopped while the Ray executor reads from it: exit 4 with the summary, no traceback;
+    moto back, the rerun (Ray again) finishes with exactly one ok output per stack."""
+    ids = _stacks(tmp_path / "in", 6, size=96)
+    url = own_moto["url"]
+    _s3fs(url).put(str(tmp_path / "in") + "/", "outage/in/", recursive=True)
+    src, out = "s3://outage/in", tmp_path / "out"
+    stopped = {}
+
+    def outage():  # the store goes away once two outputs are written
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and len(list(out.glob("s*.png"))) < 2:
+            time.sleep(0.02)
+        own_moto["server"].stop()
+        stopped["at"] = time.monotonic()
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    code = _ray_fuse(src, out, "--s3-endpoint", url)
+    seconds = time.monotonic() - stopped.get("at", time.monotonic())
+    watcher.join(timeout=5)
+    printed = capsys.readouterr()
+    assert "at" in stopped, printed.out[-2000:]
+    assert code == runner.EXIT_STOPPED, printed.out[-3000:] + printed.err[-3000:]
+    assert "stopped early (cannot reach" in printed.out and printed.out.strip().splitlines()[-1].startswith("run ")
+    assert "Traceback" not in printed.out + printed.err
+    assert seconds < 60  # promptly: the first storage error row ends the run
+    done = _ok_rows_per_stack(out)
+    assert 2 <= len(done) < len(ids)
+    own_moto["restart"]()
+    storage.set_s3_endpoint(None)
+    assert _ray_fuse(src, out, "--s3-endpoint", url) == 0
+    _assert_all_done_once(out, ids)
+    assert _ok_rows_per_stack(out) == {i: 1 for i in ids}  # one ok output (and row) per stack
+
+
+def _job_processes(job_hex: str) -> list[int]:
+    """Pids of the processes Ray runs for job ``job_hex`` (workers carry ``RAY_JOB_ID``)."""
+    needle = f"RAY_JOB_ID={job_hex}\0".encode()
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "environ").read_bytes():
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_ray_driver_killed_takes_its_workers_along_then_rerun(ray_session, tmp_path):
+    """``kill -9`` of a driver connected to a Ray cluster (as under ``ray job submit``): the job's
+    actors and task workers end, nothing is written after that, and a rerun finishes the work."""
+    ray = ray_session
+    ids = _stacks(tmp_path / "in", 16, size=160)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "ray_mff.cli", "fuse", str(tmp_path / "in"), str(out), *GUIDED,
+           "--executor", "ray", "--num-actors", "1", "--flush-every", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("s*.png")):
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        jobs = [j for j in ray._private.state.state.job_table() if j["DriverPid"] == proc.pid]
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(jobs) == 1
+    job = jobs[0]["JobID"]
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline and _job_processes(job):
+        time.sleep(0.2)
+    assert not _job_processes(job), "Ray processes of the killed driver's job are still running"
+    actors = [a for a in ray._private.state.state.actor_table(None).values() if a["JobID"] == job]
+    assert actors and all(a["State"] == "DEAD" for a in actors)  # FuseStage, AttemptLedger... all ended
+    written = sorted(p.name for p in out.rglob("*"))
+    time.sleep(2)
+    assert sorted(p.name for p in out.rglob("*")) == written  # nothing writes after the workers ended
+    assert 0 < len(list(out.glob("s*.png"))) < len(ids)
+    assert _fuse(tmp_path / "in", out) == 0
+    _assert_all_done_once(out, ids)
+    assert len(manifest.read_manifest(str(out))) == len(ids)  # one row each: none lost, none doubled
+
+
+def test_ray_worker_killed_mid_stack_is_retried_once_then_a_resource_error(ray_session, tmp_path):
+    """A fusion worker SIGKILLs itself (as the OOM killer would) whenever it fuses an 80 px stack:
+    on the staged path (PNG) and the whole-stack path (TIFF). Each such stack is tried twice, then
+    becomes an error row (``resource``); the other stacks are fused and the job does not fail."""
+    from ray_mff.pipeline import run_pipeline
+    from ray_mff.stacks import discover_stacks
+
+    ids = _stacks(tmp_path / "in", 3)
+    victims = _stacks(tmp_path / "in", 1, size=80, prefix="big") + _stacks(tmp_path / "in", 1, size=80, ext="tif",
+                                                                            prefix="tif")
+
+    class DiesOn80px:  # defined here: cloudpickle ships it to the actors by value
+        name = "guided"
+
+        def __init__(self):
+            from ray_mff.methods import get_fuser
+
+            self.inner = get_fuser("guided")
+
+        def fuse(self, images):
+            if np.asarray(images[0]).shape[0] == 80:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.inner.fuse(images)
+
+    out = tmp_path / "out"
+    summary = run_pipeline(discover_stacks(str(tmp_path / "in")), {"name": "guided"}, str(out),
+                           runner.RunOptions(recipe_id="r", compute_metrics=False), fuser_factory=DiesOn80px,
+                           num_actors=1, flush_every=1)
+    assert (summary.fused, summary.failed, summary.exit_code) == (3, 2, runner.EXIT_FAILED)
+    latest = _latest(out)
+    assert (latest.loc[ids, "status"] == "ok").all()
+    for victim in victims:
+        assert latest.loc[victim, "error_kind"] == "resource"
+        assert "died twice" in latest.loc[victim, "error"]
+    assert len(manifest.read_manifest(str(out))) == 5  # one row per stack
+
+
 # ----------------------------------------------------------------------------------- 8: the manifest
 
 
