@@ -710,8 +710,9 @@ def storage_lost(stack: Stack, output_root: str) -> str | None:
 
 
 def finish_run(summary: RunSummary, writer: manifest.ManifestWriter) -> None:
-    """Flush what is left (a few tries) and compact the manifest when it has many parts."""
-    for delay in (0.0, 0.5, 1.0):
+    """Flush what is left (a few tries; one when the run stopped because the storage is gone) and
+    compact the manifest when it has many parts."""
+    for delay in ((0.0,) if summary.stopped == "storage" else (0.0, 0.5, 1.0)):
         time.sleep(delay)
         if writer.flush(raise_errors=False):
             break

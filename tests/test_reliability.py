@@ -389,19 +389,31 @@ def _ok_rows_per_stack(out) -> dict:
     return rows[rows.status == "ok"].stack_id.value_counts().to_dict()
 
 
-def test_storage_lost_mid_run_under_ray_stops_with_a_summary(ray_s3, own_moto, tmp_path, capsys):
-    """moto stopped while the Ray executor reads from it: exit 4 with the summary, no traceback;
-    moto back, the rerun (Ray again) finishes with exactly one ok output per stack."""
+def test_storage_lost_mid_run_under_ray_stops_with_a_summary(ray_s3, own_moto, tmp_path, capsys, monkeypatch):
+    """moto (INPUT and OUTPUT) stopped while the Ray executor writes to it: exit 4 with the summary,
+    no traceback; moto back, the rerun finishes with exactly one ok output per stack."""
+    import functools
+
     ids = _stacks(tmp_path / "in", 6, size=96)
     url = own_moto["url"]
-    _s3fs(url).put(str(tmp_path / "in") + "/", "outage/in/", recursive=True)
-    src, out = "s3://outage/in", tmp_path / "out"
+    _s3fs(url).put(str(tmp_path / "in") + "/", "outage/ray-in/", recursive=True)  # moto's state is per process
+    src, out = "s3://outage/ray-in", "s3://outage/ray-out"
+    # the stopped run cannot delete its S3 lease while the store is down: it lapses after its ttl
+    # (30 s by default; 3 s here), and the rerun waits for that (--wait)
+    monkeypatch.setattr(lease, "acquire", functools.partial(lease.acquire, ttl=3.0, poll=0.5))
     stopped = {}
 
     def outage():  # the store goes away once two outputs are written
+        fs = _s3fs(url)
         deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and len(list(out.glob("s*.png"))) < 2:
-            time.sleep(0.02)
+        while time.monotonic() < deadline:
+            try:
+                if len(fs.glob("outage/ray-out/s*.png")) >= 2:
+                    break
+            except Exception:  # noqa: BLE001 - not there yet
+                pass
+            fs.invalidate_cache()
+            time.sleep(0.05)
         own_moto["server"].stop()
         stopped["at"] = time.monotonic()
 
@@ -413,16 +425,21 @@ def test_storage_lost_mid_run_under_ray_stops_with_a_summary(ray_s3, own_moto, t
     printed = capsys.readouterr()
     assert "at" in stopped, printed.out[-2000:]
     assert code == runner.EXIT_STOPPED, printed.out[-3000:] + printed.err[-3000:]
-    assert "stopped early (cannot reach" in printed.out and printed.out.strip().splitlines()[-1].startswith("run ")
+    assert f"stopped early ({out}: cannot reach" in printed.out
+    assert printed.out.strip().splitlines()[-1].startswith("run ")
     assert "Traceback" not in printed.out + printed.err
-    assert seconds < 60  # promptly: the first storage error row ends the run
-    done = _ok_rows_per_stack(out)
-    assert 2 <= len(done) < len(ids)
+    # promptly: a write fails after its retries (about 15 s here: 3 tries of the S3 client's own
+    # attempts), the probe confirms the store is gone, one last flush, and the run ends
+    assert seconds < 45
     own_moto["restart"]()
     storage.set_s3_endpoint(None)
-    assert _ray_fuse(src, out, "--s3-endpoint", url) == 0
-    _assert_all_done_once(out, ids)
+    assert _fuse(src, out, "--s3-endpoint", url, "--wait") == 0  # the local loop: no second Ray Data start
+    latest = _latest(out)
+    assert sorted(latest.index) == ids and (latest.status == "ok").all()
     assert _ok_rows_per_stack(out) == {i: 1 for i in ids}  # one ok output (and row) per stack
+    names = sorted(p.rsplit("/", 1)[-1] for p in _s3fs(url).find("outage/ray-out"))
+    assert [n for n in names if n.endswith(".png")] == [f"{i}.png" for i in ids]
+    assert not [n for n in names if "tmp" in n]
 
 
 def _job_processes(job_hex: str) -> list[int]:
@@ -488,15 +505,15 @@ def test_ray_driver_killed_takes_its_workers_along_then_rerun(ray_session, tmp_p
 
 
 def test_ray_worker_killed_mid_stack_is_retried_once_then_a_resource_error(ray_session, tmp_path):
-    """A fusion worker SIGKILLs itself (as the OOM killer would) whenever it fuses an 80 px stack:
-    on the staged path (PNG) and the whole-stack path (TIFF). Each such stack is tried twice, then
-    becomes an error row (``resource``); the other stacks are fused and the job does not fail."""
+    """A fusion worker SIGKILLs itself (as the OOM killer would) whenever it fuses the 80 px stack:
+    that stack is tried twice, then becomes an error row (``resource``); the other stacks are fused
+    and the job does not fail. (The whole-stack path, ``FusionActor``, asks the same ledger through
+    ``process_stack``; its decision is tested without Ray below.)"""
     from ray_mff.pipeline import run_pipeline
     from ray_mff.stacks import discover_stacks
 
     ids = _stacks(tmp_path / "in", 3)
-    victims = _stacks(tmp_path / "in", 1, size=80, prefix="big") + _stacks(tmp_path / "in", 1, size=80, ext="tif",
-                                                                            prefix="tif")
+    victim = _stacks(tmp_path / "in", 1, size=80, prefix="big")[0]
 
     class DiesOn80px:  # defined here: cloudpickle ships it to the actors by value
         name = "guided"
@@ -515,13 +532,14 @@ def test_ray_worker_killed_mid_stack_is_retried_once_then_a_resource_error(ray_s
     summary = run_pipeline(discover_stacks(str(tmp_path / "in")), {"name": "guided"}, str(out),
                            runner.RunOptions(recipe_id="r", compute_metrics=False), fuser_factory=DiesOn80px,
                            num_actors=1, flush_every=1)
-    assert (summary.fused, summary.failed, summary.exit_code) == (3, 2, runner.EXIT_FAILED)
+    assert (summary.fused, summary.failed, summary.exit_code) == (3, 1, runner.EXIT_FAILED)
     latest = _latest(out)
     assert (latest.loc[ids, "status"] == "ok").all()
-    for victim in victims:
-        assert latest.loc[victim, "error_kind"] == "resource"
-        assert "died twice" in latest.loc[victim, "error"]
-    assert len(manifest.read_manifest(str(out))) == 5  # one row per stack
+    assert latest.loc[victim, "error_kind"] == "resource" and "died twice" in latest.loc[victim, "error"]
+    assert len(manifest.read_manifest(str(out))) == 4  # one row per stack
+    fuse_actors = [a for a in ray_session._private.state.state.actor_table(None).values()
+                   if "FuseStage" in a["ActorClassName"] and a["JobID"] == ray_session.get_runtime_context().get_job_id()]
+    assert sum(a["NumRestarts"] for a in fuse_actors) == 2  # killed twice: the first try and one retry
 
 
 # ----------------------------------------------------------------------------------- 8: the manifest
