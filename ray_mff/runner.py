@@ -597,10 +597,15 @@ def plan_stacks(stacks: "list[Stack] | pa.Table", output_root: str, opts: RunOpt
 
 def _decide(ids: pa.Array, fingerprints: pa.Array, latest: pa.Table, output_root: str, opts: RunOptions,
             make: Callable[[np.ndarray], list[Stack]]) -> tuple[np.ndarray, pa.Array]:
-    """Per stack: its decision code and the ``error_kind`` of its newest row (for "retry <kind> error")."""
-    prev = latest.take(pc.index_in(ids, value_set=latest["stack_id"].combine_chunks()))  # null row: new
-    has = prev["stack_id"].is_valid()
-    legacy = pc.and_(has, prev["seq"].is_null())  # a row from before versions and recipes
+    """Per stack: its decision code and the ``error_kind`` of its newest row (for "retry <kind> error").
+    The newest row's columns are taken per stack one at a time, so only one copy is alive at once."""
+    pos = pc.index_in(ids, value_set=latest["stack_id"].combine_chunks())  # null: no row, a new stack
+
+    def prev(column: str) -> pa.Array:
+        return latest[column].take(pos)
+
+    has = pos.is_valid()
+    legacy = pc.and_(has, prev("seq").is_null())  # a row from before versions and recipes
     expected = fingerprints
     legacy_at = np.flatnonzero(legacy.to_numpy(zero_copy_only=False))
     if len(legacy_at):  # such rows carry names + sizes: compare with that fingerprint
@@ -608,16 +613,17 @@ def _decide(ids: pa.Array, fingerprints: pa.Array, latest: pa.Table, output_root
         mask[legacy_at] = True
         expected = pc.replace_with_mask(fingerprints, pa.array(mask),
                                         pa.array([legacy_fingerprint(s) for s in make(legacy_at)], pa.string()))
-    same_input = pc.equal(prev["source_fingerprint"], expected).fill_null(False)
+    same_input = pc.equal(prev("source_fingerprint"), expected).fill_null(False)
     recipe_changed = pa.array(np.zeros(len(ids), dtype=bool))
     if opts.recipe_id is not None:
-        recipe_changed = pc.and_not(pc.invert(pc.equal(prev["recipe_id"], opts.recipe_id).fill_null(False)), legacy)
-    ok = pc.equal(prev["status"], manifest.STATUS_OK).fill_null(False)
-    present = _outputs_present(output_root, prev["output_uri"], ok)
+        recipe_changed = pc.and_not(pc.invert(pc.equal(prev("recipe_id"), opts.recipe_id).fill_null(False)), legacy)
+    ok = pc.equal(prev("status"), manifest.STATUS_OK).fill_null(False)
+    present = _outputs_present(output_root, prev("output_uri"), ok)
     # rows written before error_kind existed: storage when the message says so, else input (_kind_of)
-    legacy_kind = pc.if_else(pc.match_substring_regex(prev["error"], _LEGACY_STORAGE.pattern, ignore_case=True)
+    legacy_kind = pc.if_else(pc.match_substring_regex(prev("error"), _LEGACY_STORAGE.pattern, ignore_case=True)
                              .fill_null(False), "storage", "input")
-    kind = pc.if_else(pc.not_equal(prev["error_kind"], "").fill_null(False), prev["error_kind"], legacy_kind)
+    kind = prev("error_kind")
+    kind = pc.if_else(pc.not_equal(kind, "").fill_null(False), kind, legacy_kind)
     retry = pc.is_in(kind, value_set=pa.array(sorted(RETRY_ON_RERUN)))
     if opts.retry_errors:
         retry = pa.array(np.ones(len(ids), dtype=bool))
