@@ -563,17 +563,22 @@ def plan_stacks(stacks: "list[Stack] | pa.Table", output_root: str, opts: RunOpt
     are made only for the stacks to fuse: a million stacks plan in seconds (``bench/manifest.py``).
     """
     if isinstance(stacks, pa.Table):
-        listing = stacks
+        ids = stacks["stack_id"].combine_chunks()
+
+        def fingerprints() -> pa.Array:
+            return stacks["source_fingerprint"].combine_chunks()
 
         def make(index: np.ndarray) -> list[Stack]:
-            return [stack_from_json(t) for t in listing["stack"].take(pa.array(index, pa.int64())).to_pylist()]
+            return [stack_from_json(t) for t in stacks["stack"].take(pa.array(index, pa.int64())).to_pylist()]
     else:
-        listing = pa.table({"stack_id": pa.array([s.id for s in stacks], pa.string()),
-                            "source_fingerprint": pa.array([source_fingerprint(s) for s in stacks], pa.string())})
+        ids = pa.array([s.id for s in stacks], pa.string())
+
+        def fingerprints() -> pa.Array:  # only when there is a manifest to compare with
+            return pa.array([source_fingerprint(s) for s in stacks], pa.string())
 
         def make(index: np.ndarray) -> list[Stack]:
             return [stacks[i] for i in index.tolist()]
-    ids, n = listing["stack_id"].combine_chunks(), listing.num_rows
+    n = len(ids)
     latest = manifest.latest_table(output_root, [*manifest.PLAN_COLUMNS, "seq"]) \
         if manifest._files(output_root)[1] else None
     # the newest row of each stack carries that stack's largest seq: their max is the manifest's
@@ -584,7 +589,7 @@ def plan_stacks(stacks: "list[Stack] | pa.Table", output_root: str, opts: RunOpt
     elif latest is None or latest.num_rows == 0:
         code, kind = np.full(n, _NEW, dtype=np.int8), None
     else:
-        code, kind = _decide(ids, listing["source_fingerprint"].combine_chunks(), latest, output_root, opts, make)
+        code, kind = _decide(ids, fingerprints(), latest, output_root, opts, make)
     todo_at = np.flatnonzero(code >= _NEW)
     todo_ids = ids.take(pa.array(todo_at, pa.int64())).to_pylist()
     todo_codes = code[todo_at].tolist()
