@@ -6,6 +6,7 @@ manifest row is ``ok``, and nothing that is not done is skipped.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -401,6 +402,8 @@ def test_storage_lost_mid_run_under_ray_stops_with_a_summary(ray_s3, own_moto, t
     # the stopped run cannot delete its S3 lease while the store is down: it lapses after its ttl
     # (30 s by default; 3 s here), and the rerun waits for that (--wait)
     monkeypatch.setattr(lease, "acquire", functools.partial(lease.acquire, ttl=3.0, poll=0.5))
+    # the CLI's logging writes to this test's captured stderr (not to a closed one of an earlier test)
+    monkeypatch.setattr(logging.root, "handlers", [])
     stopped = {}
 
     def outage():  # the store goes away once two outputs are written
