@@ -1,19 +1,27 @@
 """Planning a rerun against a big manifest: time and peak memory at 10k, 100k and 1M rows.
 
-For each size N, in a fresh subprocess (so peak RSS is that size's own):
+For each size N, OUTPUT is built once (in its own process) the way a long-lived archive's looks:
+N fused images (empty files: only their names matter to planning), a manifest of one compacted
+generation file with N-k rows plus k part files of 32 rows (the last runs' flushes; k = 32).
+1 % of the stacks have a changed input (their row's fingerprint differs) and 0.1 % lost their
+output, so the plan has real work and the planners' answers are compared.
 
-- OUTPUT holds N fused images (empty files: only their names matter to planning) and a manifest
-  shaped as a long-lived archive's is: one compacted generation file with N-k rows plus k part
-  files of 32 rows (the last runs' flushes; k = 32);
-- INPUT is N stacks (Stack objects with sizes and versions, as discovery gives them), all done;
-- timed: ``runner.plan_stacks`` (read the manifest's plan columns through pyarrow.dataset, newest
-  row per stack, one names-only listing of OUTPUT, the per-stack decision), and peak RSS of the
-  measuring process (built in another one), next to the RSS of the N Stack objects alone
-  ("stacks MiB": what discovery hands any planner).
+Each planner then runs in a fresh process of its own; "peak MiB" is that process's peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the interpreter, pyarrow and everything it built,
+not only the planner):
 
-Baseline in the same run: the previous planner's way of reading (every part opened one at a time,
-rows into Python dicts, newest-row loop) on the same manifest, at the sizes it finishes in
-reasonable time. Prints one table; ``--sizes`` to choose sizes.
+- **arrow**: the stacks come as a listing table (``runner.listing_table`` fed by a generator of
+  Stack objects, 64k at a time: "listing s", not in "plan s" but in the peak), then
+  ``runner.plan_stacks`` (timed: read the manifest's plan columns through pyarrow.dataset, newest
+  row per stack, one names-only listing of OUTPUT into an Arrow array, the decisions as Arrow and
+  numpy columns, Stack objects made for the stacks to fuse only);
+- **list**: the same vectorised ``plan_stacks`` given a list of N Stack objects, as
+  ``discover_stacks`` hands it over today (the list is built first, outside "plan s", inside the peak);
+- **old** (baseline in the same run): the previous planner on that list: every row of the
+  manifest into Python lists, a set of every output name, a loop over the stacks.
+
+"plan s" is the best of 3 runs in that process (the machine may be shared; peak RSS covers all 3).
+Prints one table; ``--sizes`` to choose sizes, ``--baseline-max`` the largest size the old planner runs at.
 
     .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000]
 """
@@ -27,18 +35,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PART_ROWS, RECENT_PARTS = 32, 32
+REPEAT = 3
 
 
-def _rss_mib() -> float:
+def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(root: Path, n: int) -> None:
-    """OUTPUT with n empty images and a compacted manifest plus RECENT_PARTS recent parts."""
+    """OUTPUT with n empty images (0.1 % missing) and a compacted manifest plus RECENT_PARTS recent
+    parts (1 % of rows with another input fingerprint)."""
     import datetime as dt
 
     import pyarrow.parquet as pq
@@ -48,15 +59,16 @@ def build(root: Path, n: int) -> None:
     out = root / "out"
     out.mkdir(parents=True)
     for i in range(n):
-        (out / f"s{i:07d}.png").touch()
+        if i % 1000 != 1:
+            (out / f"s{i:07d}.png").touch()
     recent = min(n // 2, RECENT_PARTS * PART_ROWS)
     now = dt.datetime.now(dt.timezone.utc)
 
     def rows(lo, hi):
         return [{"run_id": "r0", "stack_id": f"s{i:07d}", "source_uris": [f"/in/s{i:07d}/a.png", f"/in/s{i:07d}/b.png"],
-                 "source_fingerprint": fingerprint(i), "output_uri": str(out / f"s{i:07d}.png"),
-                 "status": "ok", "method": "guided", "seconds": 0.1, "finished_at": now, "recipe_id": "recipe",
-                 "seq": i, "n_images": 2} for i in range(lo, hi)]
+                 "source_fingerprint": "changed" if i % 100 == 0 else fingerprint(i),
+                 "output_uri": str(out / f"s{i:07d}.png"), "status": "ok", "method": "guided", "seconds": 0.1,
+                 "finished_at": now, "recipe_id": "recipe", "seq": i, "n_images": 2} for i in range(lo, hi)]
 
     mdir = out / manifest.MANIFEST_NAME
     mdir.mkdir()
@@ -82,79 +94,135 @@ def stack(i: int):
     from ray_mff.stacks import Stack
 
     return Stack(f"s{i:07d}", (f"/in/s{i:07d}/a.png", f"/in/s{i:07d}/b.png"),
-                 {"sizes": (1000, 1000), "versions": ("1", "2")})
+                 {"layout": "folder", "folder": f"s{i:07d}", "indices": ("a", "b"), "sizes": (1000, 1000),
+                  "versions": ("1", "2")})
 
 
-def measure(root: Path, n: int, baseline: bool) -> dict:
-    from ray_mff import manifest
-    from ray_mff.runner import RunOptions, plan_stacks
+def measure(root: Path, n: int, planner: str) -> dict:
+    from ray_mff import manifest, runner
 
-    stacks = [stack(i) for i in range(n)]  # what discovery hands the planner
-    before = _rss_mib()
+    opts = runner.RunOptions(recipe_id="recipe")
+    out = str(root / "out")
     t0 = time.perf_counter()
-    plan = plan_stacks(stacks, str(root / "out"), RunOptions(recipe_id="recipe"))
-    seconds = time.perf_counter() - t0
-    assert not plan.todo and len(plan.skipped) == n, (len(plan.todo), plan.counts())
-    result = {"n": n, "seconds": seconds, "peak_mib": _rss_mib(), "added_mib": _rss_mib() - before,
-              "files": len(manifest._files(str(root / "out"))[1])}
-    if baseline:
+    if planner == "arrow":
+        stacks = runner.listing_table(stack(i) for i in range(n))
+    else:
+        stacks = [stack(i) for i in range(n)]  # what discovery hands the planner today
+    listing_s = time.perf_counter() - t0
+    seconds = float("inf")
+    for _ in range(REPEAT):  # the best of REPEAT: the machine is shared, the minimum is the planner's own time
         t0 = time.perf_counter()
-        old_latest(str(root / "out"))
-        result["old_seconds"] = time.perf_counter() - t0
-    return result
+        if planner == "old":
+            todo, reasons, n_skipped, _ = old_plan(stacks, out, opts)
+        else:
+            plan = runner.plan_stacks(stacks, out, opts)
+            todo, reasons, n_skipped = plan.todo, plan.reasons, plan.n_skipped
+        seconds = min(seconds, time.perf_counter() - t0)
+    return {"n": n, "planner": planner, "listing_s": listing_s, "seconds": seconds, "peak_mib": _peak_mib(),
+            "files": len(manifest._files(out)[1]), "todo": [s.id for s in todo], "reasons": reasons,
+            "skipped": n_skipped}
 
 
-def old_latest(output_root: str) -> dict:
-    """The previous reader: each part file opened in turn, every row into a Python dict."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def old_plan(stacks, output_root: str, opts):
+    """The previous planner (before the vectorised one), the baseline, and what
+    tests/test_reliability.py checks the new one against: the newest rows into Python lists, a set
+    of every output name, one loop over the stacks. Returns (todo, reasons, n_skipped, waiting)."""
     from ray_mff import manifest, storage
+    from ray_mff.runner import RETRY_ON_RERUN, _kind_of, legacy_fingerprint, source_fingerprint
 
-    fs, path = storage.resolve(manifest.manifest_uri(output_root))
-    tables = []
-    for p in sorted(p for p in fs.find(path) if p.endswith(".parquet")):
-        with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f).cast(manifest.SCHEMA))
-    latest: dict = {}
-    for row in pa.concat_tables(tables).to_pylist():
-        key = (row["finished_at"] or 0, row["run_id"] or "")
-        prev = latest.get(row["stack_id"])
-        if prev is None or key >= (prev["finished_at"] or 0, prev["run_id"] or ""):
-            latest[row["stack_id"]] = row
-    return latest
+    if opts.force:
+        return list(stacks), {s.id: "forced" for s in stacks}, 0, 0
+    latest = manifest.latest_table(output_root, [*manifest.PLAN_COLUMNS, "seq"]) \
+        if manifest._files(output_root)[1] else None
+    rows = {}
+    if latest is not None and latest.num_rows:
+        cols = [latest[c].to_pylist() for c in [*manifest.PLAN_COLUMNS, "seq"]]
+        rows = {c[0]: c[1:] for c in zip(*cols)}
+    names = set()
+    if rows:
+        fs, path = storage.resolve(output_root)
+        prefix = path.rstrip("/") + "/"
+        if storage.is_remote(output_root):
+            names = {p[len(prefix):] for p in fs.find(path) if p.startswith(prefix)}
+        else:
+            for d, _, files in os.walk(path):
+                sub = d[len(prefix):] + "/" if len(d) > len(path) else ""
+                names.update(sub + f for f in files)
+    spelled = storage.join_uri(output_root, "x")[:-1]
+
+    def exists(uri):
+        return uri[len(spelled):] in names if uri.startswith(spelled) else storage.exists(uri)
+
+    todo, reasons, n_skipped, waiting = [], {}, 0, 0
+    for s in stacks:
+        prev = rows.get(s.id)
+        reason = None
+        if prev is None:
+            reason = "new"
+        else:
+            fp, recipe, status, kind, error, out_uri, seq = prev
+            legacy = seq is None
+            if fp != (legacy_fingerprint(s) if legacy else source_fingerprint(s)):
+                reason = "input changed"
+            elif not legacy and opts.recipe_id is not None and recipe != opts.recipe_id:
+                reason = "recipe changed"
+            elif status == manifest.STATUS_OK:
+                if not (out_uri and exists(out_uri)):
+                    reason = "output missing"
+            else:
+                kind = _kind_of(kind, error)
+                if kind in RETRY_ON_RERUN or opts.retry_errors:
+                    reason = f"retry {kind} error"
+                else:
+                    waiting += 1
+        if reason is None:
+            n_skipped += 1
+        else:
+            todo.append(s)
+            reasons[s.id] = reason
+    return todo, reasons, n_skipped, waiting
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--baseline-max", type=int, default=100_000, help="largest size the old reader is timed at")
-    ap.add_argument("--child", nargs=2, metavar=("ROOT", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size the old planner runs at")
+    ap.add_argument("--child", nargs=3, metavar=("ROOT", "N", "PLANNER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        root, n = Path(args.child[0]), int(args.child[1])
-        if not (root / "out").exists():
+        root, n, planner = Path(args.child[0]), int(args.child[1]), args.child[2]
+        if planner == "build":
             build(root, n)
-            return
-        print(json.dumps(measure(root, n, n <= args.baseline_max)))
+        else:
+            print(json.dumps(measure(root, n, planner)))
         return
-    print(f"{'rows':>9}  {'files':>5}  {'plan s':>7}  {'stacks MiB':>10}  {'peak RSS MiB':>12}  {'old reader s':>12}  "
-          f"{'speed-up':>8}")
+    print(f"planning a rerun: plan s = best of {REPEAT}; peak = peak RSS of the planner's own process "
+          "(getrusage ru_maxrss); listing s = building the planner's input (not in plan s, in the peak)")
+    print(f"{'rows':>9}  {'files':>5}  {'arrow: listing s':>16}  {'plan s':>6}  {'peak MiB':>8}  "
+          f"{'list: plan s':>12}  {'peak MiB':>8}  {'old: plan s':>11}  {'peak MiB':>8}  {'old/list':>8}  "
+          f"{'to do':>6}  same")
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="mff-bench-manifest-") as tmp:
             env = {**os.environ, "PYTHONPATH": str(REPO)}
-            cmd = [sys.executable, __file__, "--child", tmp, str(n), "--baseline-max", str(args.baseline_max)]
-            subprocess.run(cmd, env=env, check=True)  # build, in its own process
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # measure
-            if proc.returncode:
-                print(proc.stderr[-2000:], file=sys.stderr)
-                raise SystemExit(proc.returncode)
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-        old = r.get("old_seconds")
-        old_s = f"{old:.2f}" if old else "-"
-        ratio = f"{old / r['seconds']:.1f}x" if old else "-"
-        print(f"{r['n']:>9}  {r['files']:>5}  {r['seconds']:>7.2f}  {r['peak_mib'] - r['added_mib']:>10.0f}  "
-              f"{r['peak_mib']:>12.0f}  {old_s:>12}  {ratio:>8}")
+            results = {}
+            for planner in ["build", "arrow", "list", *(["old"] if n <= args.baseline_max else [])]:
+                cmd = [sys.executable, __file__, "--child", tmp, str(n), planner]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                if proc.returncode:
+                    print(proc.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(proc.returncode)
+                if planner != "build":
+                    results[planner] = json.loads(proc.stdout.strip().splitlines()[-1])
+        a, b, old = results["arrow"], results["list"], results.get("old")
+        same = all(r["todo"] == a["todo"] and r["reasons"] == a["reasons"] and r["skipped"] == a["skipped"]
+                   for r in results.values())
+        old_s, old_peak, ratio = ("-", "-", "-") if old is None else (
+            f"{old['seconds']:.2f}", f"{old['peak_mib']:.0f}", f"{old['seconds'] / b['seconds']:.1f}x")
+        print(f"{n:>9}  {a['files']:>5}  {a['listing_s']:>16.2f}  {a['seconds']:>6.2f}  {a['peak_mib']:>8.0f}  "
+              f"{b['seconds']:>12.2f}  {b['peak_mib']:>8.0f}  {old_s:>11}  {old_peak:>8}  {ratio:>8}  "
+              f"{len(a['todo']):>6}  {'yes' if same else 'NO'}")
+        if not same:
+            print("  plans differ:", {k: Counter(r['reasons'].values()) for k, r in results.items()})
 
 
 if __name__ == "__main__":

@@ -20,9 +20,22 @@ RAY_MIN_SAVING_S = 60.0
 _SECONDS_PER_STACK = {"classical": 0.3, "learned": 3.0}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message, not as it was when logging was set up
+    (the CLI run in-process after a test captured and closed stderr must not log to a closed stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="ray-mff: %(message)s",
-                        stream=sys.stderr)
+                        handlers=[_StderrHandler()])
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):  # "Found credentials in ..."
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 

@@ -174,16 +174,19 @@ def _order_keys(table: pa.Table) -> list[tuple[str, str]]:
 
 def _last_per_stack(table: pa.Table) -> pa.Table:
     """Rows sorted by stack then age -> the last (newest) row of each stack. Old rows without
-    ``seq`` sort first (nulls first), so they are older than any sequenced row."""
+    ``seq`` sort first (nulls first), so they are older than any sequenced row. Only the sort keys
+    are sorted; the rows kept are taken from ``table`` once (no sorted copy of every row)."""
     if table.num_rows == 0:
         return table
-    table = table.take(pc.sort_indices(table, sort_keys=_order_keys(table)))
-    sid = table["stack_id"]
+    keys = _order_keys(table)
+    order = pc.sort_indices(table.select([k for k, _, _ in keys]), sort_keys=keys)
+    sid = table["stack_id"].take(order)
     n = table.num_rows
     last = np.ones(n, dtype=bool)
     if n > 1:
         last[:-1] = pc.not_equal(sid.slice(0, n - 1), sid.slice(1)).to_numpy(zero_copy_only=False)
-    return table.filter(pa.array(last))
+    del sid
+    return table.take(order.filter(pa.array(last)))
 
 
 PLAN_COLUMNS = ["stack_id", "source_fingerprint", "recipe_id", "status", "error_kind", "error", "output_uri"]

@@ -77,19 +77,16 @@ log = logging.getLogger("ray_mff")
 
 
 def stack_to_item(stack: Stack) -> dict:
-    """A Stack as a Ray Data row of plain strings: ``stack_id`` and the stack as JSON.
+    """A Stack as a Ray Data row of plain strings: ``stack_id`` and the stack as JSON
+    (:func:`ray_mff.runner.stack_json`).
 
     JSON rather than list columns keeps the input free of ragged object arrays (which Ray Data
     would turn into tensor extension types) and round-trips ``meta`` (sizes, warnings, errors).
     """
-    payload = {"id": stack.id, "uris": list(stack.uris), "meta": stack.meta}
-    return {"stack_id": stack.id, "stack": json.dumps(payload, default=_jsonable)}
+    return {"stack_id": stack.id, "stack": runner.stack_json(stack)}
 
 
-def stack_from_item(text: str) -> Stack:
-    d = json.loads(text)
-    meta = {k: tuple(v) if isinstance(v, list) else v for k, v in d["meta"].items()}
-    return Stack(d["id"], tuple(d["uris"]), meta)
+stack_from_item = runner.stack_from_json
 
 
 def _jsonable(value):
@@ -226,6 +223,7 @@ class FuseStage:
         fused: list = [None] * len(rows)
         decision: list = [None] * len(rows)
         start = time.time()
+        begun = self._begin(rows)
         for group in self._same_shape_groups(rows, stacks):
             t0 = time.perf_counter()
             results = self._fuse_group([list(stacks[i]) for i in group], [rows[i]["stack_id"] for i in group])
@@ -247,6 +245,8 @@ class FuseStage:
                 fused[i] = stacks[i][0]
                 row.update(engine="none", warning=row.get("warning") or "one-image stack passed through unfused")
             row.update(_actor=self.actor_id, _fuse_start=start, _fuse_end=time.time())
+        for stack_id in begun:
+            self.opts.attempt_ledger.end(stack_id)
         out = _stage_table(rows, fused=fused, decision=decision)
         if self.opts.compute_metrics:  # the sources go on to be scored: the same Arrow buffers, no copy
             out = out.append_column("sources", batch.column("sources"))
@@ -255,6 +255,21 @@ class FuseStage:
             batch = batch.set_column(batch.schema.get_field_index("sources_layout"), "sources_layout",
                                      pa.array([""] * len(rows), pa.string()))
         return out.append_column("sources_layout", batch.column("sources_layout"))
+
+    def _begin(self, rows: list[dict]) -> list[str]:
+        """Tell the run's :class:`AttemptLedger` which stacks this call fuses; a stack whose worker
+        already died twice on it becomes an error row (``resource``) instead of a third death."""
+        ledger = self.opts.attempt_ledger
+        if ledger is None:
+            return []
+        begun = []
+        for row in rows:
+            if row.get("status") is None:
+                begun.append(row["stack_id"])
+                if ledger.begin(row["stack_id"]) >= 2:
+                    row.update(status=manifest.STATUS_ERROR, error=runner.died_twice(row["stack_id"]),
+                               error_kind="resource")
+        return begun
 
     @staticmethod
     def _same_shape_groups(rows: list[dict], stacks: list) -> list[list[int]]:
@@ -746,7 +761,7 @@ def run_pipeline(
     plan = runner.plan_stacks(stacks, output_root, opts)
     todo = plan.todo
     summary = runner.new_summary(plan, run_id, output_root)
-    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), len(plan.skipped))
+    log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), plan.n_skipped)
     if not todo:
         return summary  # nothing to do: do not start (or connect to) Ray at all
     if fuser_factory is None and _workers_are_here(ray_address):

@@ -20,6 +20,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_mff import io, lease, manifest, sinks, storage, zstack
@@ -366,6 +368,11 @@ def check_lease(uri: str, opts: RunOptions) -> None:
         raise LeaseLost(uri, "not written: another run holds the output's lease now")
 
 
+def died_twice(stack_id: str) -> str:
+    """The error of a stack whose worker died twice while fusing it (``pipeline.AttemptLedger``)."""
+    return f"{stack_id}: its worker died twice while fusing it (out of memory?)"
+
+
 def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> dict:
     """Read, align, fuse, write and score one stack; return its manifest row (status ok or error,
     with ``error_kind``). The row carries the seconds of each stage (``read_s``, ``fuse_s``,
@@ -377,7 +384,7 @@ def process_stack(stack: Stack, fuser, output_root: str, opts: RunOptions) -> di
     ledger = opts.attempt_ledger
     try:
         if ledger is not None and ledger.begin(stack.id) >= 2:
-            raise MemoryError(f"{stack.id}: its worker died twice while fusing it (out of memory?)")
+            raise MemoryError(died_twice(stack.id))
         if stack.meta.get("error"):
             where = stack.uris[0] if stack.uris else stack.meta.get("folder_uri", stack.id)
             raise EmptyStackError(where, stack.meta["error"])
@@ -470,22 +477,80 @@ def _utc_now():
     return dt.datetime.now(dt.timezone.utc)
 
 
+# ------------------------------------------------------------------------------- planning
+
+
+def stack_json(stack: Stack) -> str:
+    """A Stack as one JSON string (uris and meta round-trip): a listing row, a Ray Data item."""
+    payload = {"id": stack.id, "uris": list(stack.uris), "meta": stack.meta}
+    return json.dumps(payload, default=_jsonable)
+
+
+def stack_from_json(text: str) -> Stack:
+    d = json.loads(text)
+    meta = {k: tuple(v) if isinstance(v, list) else v for k, v in d["meta"].items()}
+    return Stack(d["id"], tuple(d["uris"]), meta)
+
+
+def _jsonable(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+LISTING_SCHEMA = pa.schema([("stack_id", pa.string()), ("source_fingerprint", pa.string()), ("stack", pa.string())])
+
+
+def listing_table(stacks: Iterable[Stack], chunk: int = 65536) -> pa.Table:
+    """Stacks as Arrow columns (``stack_id``, ``source_fingerprint``, ``stack`` as JSON), built
+    ``chunk`` stacks at a time from any iterable, so an archive's listing never has to exist as
+    Python objects all at once: :func:`plan_stacks` takes it and makes :class:`Stack` objects only
+    for the stacks it will fuse."""
+    batches, ids, fps, texts = [], [], [], []
+
+    def cut():
+        batches.append(pa.record_batch([pa.array(ids, pa.string()), pa.array(fps, pa.string()),
+                                        pa.array(texts, pa.string())], schema=LISTING_SCHEMA))
+        ids.clear(), fps.clear(), texts.clear()
+
+    for stack in stacks:
+        ids.append(stack.id)
+        fps.append(source_fingerprint(stack))
+        texts.append(stack_json(stack))
+        if len(ids) >= chunk:
+            cut()
+    if ids or not batches:
+        cut()
+    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
+
+
+# decisions of the planner, per stack
+_SKIP, _WAIT, _NEW, _INPUT, _RECIPE, _MISSING, _RETRY, _FORCED = range(8)
+_REASON = {_NEW: "new", _INPUT: "input changed", _RECIPE: "recipe changed", _MISSING: "output missing",
+           _FORCED: "forced"}
+
+
 @dataclass
 class Plan:
-    """What a run will do: ``todo`` (with ``reasons[stack_id]``: new, input changed, recipe changed,
-    output missing, retry <kind>, forced) and ``skipped`` (done, or an error waiting for its input)."""
+    """What a run will do: ``todo`` (Stack objects, made only for these; ``reasons[stack_id]``: new,
+    input changed, recipe changed, output missing, retry <kind> error, forced), how many are
+    skipped (done, or an error waiting for its input) and where this run's ``seq`` starts."""
 
     todo: list
-    skipped: list
+    n_skipped: int
     reasons: dict = field(default_factory=dict)
     waiting: int = 0  # skipped stacks whose latest row is an error that waits for a changed input
     first_seq: int = 0
+    skipped_stacks: Callable[[], list] | None = field(default=None, repr=False)
+
+    @property
+    def skipped(self) -> list:
+        """The skipped stacks as Stack objects (made on demand: small runs, tests)."""
+        return self.skipped_stacks() if self.skipped_stacks else []
 
     def counts(self) -> Counter:
         return Counter(self.reasons.values())
 
 
-def plan_stacks(stacks: list[Stack], output_root: str, opts: RunOptions) -> Plan:
+def plan_stacks(stacks: "list[Stack] | pa.Table", output_root: str, opts: RunOptions) -> Plan:
     """Decide per stack, from its newest manifest row. A stack is *done* (skipped) only when that
     row is ``ok``, its output is still there, its input fingerprint (:func:`source_fingerprint`)
     matches and its ``recipe_id`` matches ``opts.recipe_id``. A stack whose newest row is an error
@@ -493,48 +558,88 @@ def plan_stacks(stacks: list[Stack], output_root: str, opts: RunOptions) -> Plan
     (:data:`RETRY_ON_RERUN`: storage, internal, lease); input and resource errors wait for a change
     (``opts.retry_errors`` redoes them). ``opts.force`` redoes everything.
 
-    The manifest is read column-wise (:func:`manifest.latest_table`): a million rows plan in seconds.
+    ``stacks``: discovery's list, or its :func:`listing_table`. Vectorised: the listing and the
+    manifest's newest rows (:func:`manifest.latest_table`) meet as Arrow columns (``index_in``), the
+    outputs present are one names-only listing of OUTPUT checked with ``is_in``, and Stack objects
+    are made only for the stacks to fuse: a million stacks plan in seconds (``bench/manifest.py``).
     """
+    if isinstance(stacks, pa.Table):
+        ids = stacks["stack_id"].combine_chunks()
+
+        def fingerprints() -> pa.Array:
+            return stacks["source_fingerprint"].combine_chunks()
+
+        def make(index: np.ndarray) -> list[Stack]:
+            return [stack_from_json(t) for t in stacks["stack"].take(pa.array(index, pa.int64())).to_pylist()]
+    else:
+        ids = pa.array([s.id for s in stacks], pa.string())
+
+        def fingerprints() -> pa.Array:  # only when there is a manifest to compare with
+            return pa.array([source_fingerprint(s) for s in stacks], pa.string())
+
+        def make(index: np.ndarray) -> list[Stack]:
+            return [stacks[i] for i in index.tolist()]
+    n = len(ids)
     latest = manifest.latest_table(output_root, [*manifest.PLAN_COLUMNS, "seq"]) \
         if manifest._files(output_root)[1] else None
     # the newest row of each stack carries that stack's largest seq: their max is the manifest's
     top = pc.max(latest["seq"]).as_py() if latest is not None and latest.num_rows else None
     first_seq = 0 if top is None else int(top) + 1
     if opts.force:
-        return Plan(list(stacks), [], {s.id: "forced" for s in stacks}, 0, first_seq)
-    rows: dict = {}
-    if latest is not None and latest.num_rows:
-        cols = [latest[c].to_pylist() for c in [*manifest.PLAN_COLUMNS, "seq"]]
-        rows = {c[0]: c[1:] for c in zip(*cols)}
-    exists = _existing_outputs(output_root) if rows else None
-    todo, skipped, reasons, waiting = [], [], {}, 0
-    for stack in stacks:
-        prev = rows.get(stack.id)
-        reason = None
-        if prev is None:
-            reason = "new"
-        else:
-            fingerprint, recipe, status, kind, error, out_uri, seq = prev
-            legacy = seq is None  # a row from before versions and recipes: its fingerprint is names + sizes
-            if fingerprint != (legacy_fingerprint(stack) if legacy else source_fingerprint(stack)):
-                reason = "input changed"
-            elif not legacy and opts.recipe_id is not None and recipe != opts.recipe_id:
-                reason = "recipe changed"
-            elif status == manifest.STATUS_OK:
-                if not (out_uri and exists(out_uri)):
-                    reason = "output missing"
-            else:
-                kind = _kind_of(kind, error)
-                if kind in RETRY_ON_RERUN or opts.retry_errors:
-                    reason = f"retry {kind} error"
-                else:
-                    waiting += 1
-        if reason is None:
-            skipped.append(stack)
-        else:
-            todo.append(stack)
-            reasons[stack.id] = reason
-    return Plan(todo, skipped, reasons, waiting, first_seq)
+        code, kind = np.full(n, _FORCED, dtype=np.int8), None
+    elif latest is None or latest.num_rows == 0:
+        code, kind = np.full(n, _NEW, dtype=np.int8), None
+    else:
+        code, kind = _decide(ids, fingerprints(), latest, output_root, opts, make)
+    todo_at = np.flatnonzero(code >= _NEW)
+    todo_ids = ids.take(pa.array(todo_at, pa.int64())).to_pylist()
+    todo_codes = code[todo_at].tolist()
+    kinds = kind.take(pa.array(todo_at, pa.int64())).to_pylist() if kind is not None else None
+    reasons = {sid: (f"retry {kinds[i]} error" if c == _RETRY else _REASON[c])
+               for i, (sid, c) in enumerate(zip(todo_ids, todo_codes))}
+    return Plan(make(todo_at), n - len(todo_at), reasons, int(np.count_nonzero(code == _WAIT)), first_seq,
+                lambda: make(np.flatnonzero(code < _NEW)))
+
+
+def _decide(ids: pa.Array, fingerprints: pa.Array, latest: pa.Table, output_root: str, opts: RunOptions,
+            make: Callable[[np.ndarray], list[Stack]]) -> tuple[np.ndarray, pa.Array]:
+    """Per stack: its decision code and the ``error_kind`` of its newest row (for "retry <kind> error").
+    The newest row's columns are taken per stack one at a time, so only one copy is alive at once."""
+    pos = pc.index_in(ids, value_set=latest["stack_id"].combine_chunks())  # null: no row, a new stack
+
+    def prev(column: str) -> pa.Array:
+        return latest[column].take(pos)
+
+    has = pos.is_valid()
+    legacy = pc.and_(has, prev("seq").is_null())  # a row from before versions and recipes
+    expected = fingerprints
+    legacy_at = np.flatnonzero(legacy.to_numpy(zero_copy_only=False))
+    if len(legacy_at):  # such rows carry names + sizes: compare with that fingerprint
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[legacy_at] = True
+        expected = pc.replace_with_mask(fingerprints, pa.array(mask),
+                                        pa.array([legacy_fingerprint(s) for s in make(legacy_at)], pa.string()))
+    same_input = pc.equal(prev("source_fingerprint"), expected).fill_null(False)
+    recipe_changed = pa.array(np.zeros(len(ids), dtype=bool))
+    if opts.recipe_id is not None:
+        recipe_changed = pc.and_not(pc.invert(pc.equal(prev("recipe_id"), opts.recipe_id).fill_null(False)), legacy)
+    ok = pc.equal(prev("status"), manifest.STATUS_OK).fill_null(False)
+    present = _outputs_present(output_root, prev("output_uri"), ok)
+    # rows written before error_kind existed: storage when the message says so, else input (_kind_of)
+    legacy_kind = pc.if_else(pc.match_substring_regex(prev("error"), _LEGACY_STORAGE.pattern, ignore_case=True)
+                             .fill_null(False), "storage", "input")
+    kind = prev("error_kind")
+    kind = pc.if_else(pc.not_equal(kind, "").fill_null(False), kind, legacy_kind)
+    retry = pc.is_in(kind, value_set=pa.array(sorted(RETRY_ON_RERUN)))
+    if opts.retry_errors:
+        retry = pa.array(np.ones(len(ids), dtype=bool))
+
+    def np_(a):
+        return np.asarray(a.to_numpy(zero_copy_only=False), dtype=bool)
+
+    code = np.select([~np_(has), ~np_(same_input), np_(recipe_changed), np_(ok) & ~present, np_(ok), np_(retry)],
+                     [_NEW, _INPUT, _RECIPE, _MISSING, _SKIP, _RETRY], default=_WAIT).astype(np.int8)
+    return code, kind
 
 
 def plan_run(stacks: list[Stack], output_root: str, opts: RunOptions) -> tuple[list[Stack], list[Stack]]:
@@ -543,31 +648,55 @@ def plan_run(stacks: list[Stack], output_root: str, opts: RunOptions) -> tuple[l
     return plan.todo, plan.skipped
 
 
-def _existing_outputs(output_root: str) -> Callable[[str], bool]:
-    """``exists(uri)`` for outputs, from one names-only listing of the output root: on an object
-    store one LIST call per 1000 keys instead of one HEAD per stack, and a set of relative names
-    (not info dicts) in memory. Uris outside the root's spelling fall back to a HEAD."""
+def _outputs_present(output_root: str, uris: pa.Array, wanted: pa.Array) -> np.ndarray:
+    """Per uri (where ``wanted``): is that output still there? From one names-only listing of the
+    output root, as an Arrow array checked with ``is_in``: on an object store one LIST call per 1000
+    keys instead of one HEAD per stack, and no Python object per file kept. Uris outside the
+    root's spelling fall back to a HEAD each."""
+    present = np.zeros(len(uris), dtype=bool)
+    if not pc.any(wanted).as_py():
+        return present
+    names = _output_names(output_root)
+    spelled = storage.join_uri(output_root, "x")[:-1]  # the root as output uris spell it, with its separator
+    inside = pc.starts_with(uris, spelled).fill_null(False)
+    found = pc.is_in(pc.utf8_slice_codeunits(uris, len(spelled)), value_set=names).fill_null(False)
+    present[:] = np.asarray(pc.and_(inside, found).to_numpy(zero_copy_only=False), dtype=bool)
+    outside = pc.and_(pc.and_(wanted, pc.invert(inside)), pc.not_equal(uris, "").fill_null(False))
+    for i in np.flatnonzero(np.asarray(outside.to_numpy(zero_copy_only=False), dtype=bool)).tolist():
+        present[i] = storage.exists(uris[i].as_py())
+    return present
+
+
+def _output_names(output_root: str, chunk: int = 65536) -> pa.Array:
+    """Every file's name relative to ``output_root`` as one Arrow string array (empty if unreadable)."""
     fs, path = storage.resolve(output_root)
     prefix = path.rstrip("/") + "/"
+    arrays, names = [], []
     try:
         if storage.is_remote(output_root):
             storage._forget_listings(fs, path)
-            names = {p[len(prefix):] for p in fs.find(path) if p.startswith(prefix)}
-        else:  # names only: no stat per file (fsspec's find stats each one)
-            names = set()
-            for d, _, files in os.walk(path):
-                sub = d[len(prefix):] + "/" if len(d) > len(path) else ""
-                names.update(sub + f for f in files)
+            arrays.append(pa.array([p[len(prefix):] for p in fs.find(path) if p.startswith(prefix)], pa.string()))
+        else:  # names only, no stat per file (fsspec's find stats each one), chunk by chunk into Arrow
+            folders = [(path, "")]
+            while folders:
+                folder, sub = folders.pop()
+                try:
+                    entries = os.scandir(folder)
+                except OSError:  # an unreadable folder: its outputs count as missing (fused again)
+                    continue
+                with entries:
+                    for e in entries:
+                        if e.is_dir(follow_symlinks=False):
+                            folders.append((e.path, sub + e.name + "/"))
+                        else:
+                            names.append(sub + e.name)
+                            if len(names) >= chunk:
+                                arrays.append(pa.array(names, pa.string()))
+                                names = []
     except OSError:
-        names = set()
-    spelled = storage.join_uri(output_root, "x")[:-1]  # the root as output uris spell it, with its separator
-
-    def exists(uri: str) -> bool:
-        if uri.startswith(spelled):
-            return uri[len(spelled):] in names
-        return storage.exists(uri)
-
-    return exists
+        return pa.array([], pa.string())
+    arrays.append(pa.array(names, pa.string()))
+    return pa.concat_arrays(arrays)
 
 
 def _progress(items: list, enabled: bool) -> Iterable:
@@ -593,8 +722,9 @@ def storage_lost(stack: Stack, output_root: str) -> str | None:
 
 
 def finish_run(summary: RunSummary, writer: manifest.ManifestWriter) -> None:
-    """Flush what is left (a few tries) and compact the manifest when it has many parts."""
-    for delay in (0.0, 0.5, 1.0):
+    """Flush what is left (a few tries; one when the run stopped because the storage is gone) and
+    compact the manifest when it has many parts."""
+    for delay in ((0.0,) if summary.stopped == "storage" else (0.0, 0.5, 1.0)):
         time.sleep(delay)
         if writer.flush(raise_errors=False):
             break
@@ -611,7 +741,7 @@ def finish_run(summary: RunSummary, writer: manifest.ManifestWriter) -> None:
 
 
 def new_summary(plan: Plan, run_id: str, output_root: str) -> RunSummary:
-    return RunSummary(run_id=run_id, output=output_root, skipped=len(plan.skipped),
+    return RunSummary(run_id=run_id, output=output_root, skipped=plan.n_skipped,
                       reasons=dict(plan.counts()), waiting=plan.waiting)
 
 

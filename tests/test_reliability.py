@@ -6,6 +6,7 @@ manifest row is ``ok``, and nothing that is not done is skipped.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import signal
@@ -376,6 +377,174 @@ def test_storage_lost_mid_run_stops_then_rerun_finishes(own_moto, tmp_path, caps
     _assert_all_done_once(Path(out), ids)
 
 
+# ------------------------------------------------------------------- the same faults under the Ray executor
+
+
+def _ray_fuse(src, out, *extra) -> int:
+    return cli.main(["fuse", str(src), str(out), *GUIDED, "--executor", "ray", "--num-actors", "1",
+                     "--flush-every", "1", *extra])
+
+
+def _ok_rows_per_stack(out) -> dict:
+    rows = manifest.read_manifest(str(out)).to_pandas()
+    return rows[rows.status == "ok"].stack_id.value_counts().to_dict()
+
+
+def test_storage_lost_mid_run_under_ray_stops_with_a_summary(ray_s3, own_moto, tmp_path, capsys, monkeypatch):
+    """moto (INPUT and OUTPUT) stopped while the Ray executor writes to it: exit 4 with the summary,
+    no traceback; moto back, the rerun finishes with exactly one ok output per stack."""
+    import functools
+
+    ids = _stacks(tmp_path / "in", 6, size=96)
+    url = own_moto["url"]
+    _s3fs(url).put(str(tmp_path / "in") + "/", "outage/ray-in/", recursive=True)  # moto's state is per process
+    src, out = "s3://outage/ray-in", "s3://outage/ray-out"
+    # the stopped run cannot delete its S3 lease while the store is down: it lapses after its ttl
+    # (30 s by default; 3 s here), and the rerun waits for that (--wait)
+    monkeypatch.setattr(lease, "acquire", functools.partial(lease.acquire, ttl=3.0, poll=0.5))
+    # the CLI's logging writes to this test's captured stderr (not to a closed one of an earlier test)
+    monkeypatch.setattr(logging.root, "handlers", [])
+    stopped = {}
+
+    def outage():  # the store goes away once two outputs are written
+        fs = _s3fs(url)
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            try:
+                if len(fs.glob("outage/ray-out/s*.png")) >= 2:
+                    break
+            except Exception:  # noqa: BLE001 - not there yet
+                pass
+            fs.invalidate_cache()
+            time.sleep(0.05)
+        own_moto["server"].stop()
+        stopped["at"] = time.monotonic()
+
+    watcher = threading.Thread(target=outage, daemon=True)
+    watcher.start()
+    code = _ray_fuse(src, out, "--s3-endpoint", url)
+    seconds = time.monotonic() - stopped.get("at", time.monotonic())
+    watcher.join(timeout=5)
+    printed = capsys.readouterr()
+    assert "at" in stopped, printed.out[-2000:]
+    assert code == runner.EXIT_STOPPED, printed.out[-3000:] + printed.err[-3000:]
+    assert f"stopped early ({out}: cannot reach" in printed.out
+    assert printed.out.strip().splitlines()[-1].startswith("run ")
+    assert "Traceback" not in printed.out + printed.err
+    # promptly: a write fails after its retries (about 15 s here: 3 tries of the S3 client's own
+    # attempts), the probe confirms the store is gone, one last flush, and the run ends
+    assert seconds < 45
+    own_moto["restart"]()
+    storage.set_s3_endpoint(None)
+    assert _fuse(src, out, "--s3-endpoint", url, "--wait") == 0  # the local loop: no second Ray Data start
+    latest = _latest(out)
+    assert sorted(latest.index) == ids and (latest.status == "ok").all()
+    assert _ok_rows_per_stack(out) == {i: 1 for i in ids}  # one ok output (and row) per stack
+    names = sorted(p.rsplit("/", 1)[-1] for p in _s3fs(url).find("outage/ray-out"))
+    assert [n for n in names if n.endswith(".png")] == [f"{i}.png" for i in ids]
+    assert not [n for n in names if "tmp" in n]
+
+
+def _job_processes(job_hex: str) -> list[int]:
+    """Pids of the processes Ray runs for job ``job_hex`` (workers carry ``RAY_JOB_ID``)."""
+    needle = f"RAY_JOB_ID={job_hex}\0".encode()
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if needle in (p / "environ").read_bytes():
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_ray_driver_killed_takes_its_workers_along_then_rerun(ray_session, tmp_path):
+    """``kill -9`` of a driver connected to a Ray cluster (as under ``ray job submit``): the job's
+    actors and task workers end, nothing is written after that, and a rerun finishes the work."""
+    ray = ray_session
+    ids = _stacks(tmp_path / "in", 10, size=128)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "ray_mff.cli", "fuse", str(tmp_path / "in"), str(out), *GUIDED,
+           "--executor", "ray", "--num-actors", "1", "--flush-every", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not list(out.glob("s*.png")):
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        jobs = [j for j in ray._private.state.state.job_table() if j["DriverPid"] == proc.pid]
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(jobs) == 1
+    job = jobs[0]["JobID"]
+
+    def survivors() -> list:
+        # Ray Data's detached helpers (its stats actor, the autoscaling coordinator) serve every
+        # job on the cluster and outlive each by design; they write nothing. Everything else ends.
+        detached = {a["Pid"] for a in ray._private.state.state.actor_table(None).values() if a["IsDetached"]}
+        return [pid for pid in _job_processes(job) if pid not in detached]
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and survivors():
+        time.sleep(0.2)
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in survivors()}
+    assert not left, f"processes of the killed driver's job still run: {left}"
+    actors = [a for a in ray._private.state.state.actor_table(None).values()
+              if a["JobID"] == job and not a["IsDetached"]]
+    assert {a["ActorClassName"] for a in actors} >= {"AttemptLedger"} and len(actors) >= 2
+    assert all(a["State"] == "DEAD" for a in actors), [(a["ActorClassName"], a["State"]) for a in actors]
+    written = sorted(p.name for p in out.rglob("*"))
+    time.sleep(2)
+    assert sorted(p.name for p in out.rglob("*")) == written  # nothing writes after the workers ended
+    assert 0 < len(list(out.glob("s*.png"))) < len(ids)
+    assert _fuse(tmp_path / "in", out) == 0
+    _assert_all_done_once(out, ids)
+    assert len(manifest.read_manifest(str(out))) == len(ids)  # one row each: none lost, none doubled
+
+
+def test_ray_worker_killed_mid_stack_is_retried_once_then_a_resource_error(ray_session, tmp_path):
+    """A fusion worker SIGKILLs itself (as the OOM killer would) whenever it fuses the 80 px stack:
+    that stack is tried twice, then becomes an error row (``resource``); the other stacks are fused
+    and the job does not fail. (The whole-stack path, ``FusionActor``, asks the same ledger through
+    ``process_stack``; its decision is tested without Ray below.)"""
+    from ray_mff.pipeline import run_pipeline
+    from ray_mff.stacks import discover_stacks
+
+    ids = _stacks(tmp_path / "in", 3)
+    victim = _stacks(tmp_path / "in", 1, size=80, prefix="big")[0]
+
+    class DiesOn80px:  # defined here: cloudpickle ships it to the actors by value
+        name = "guided"
+
+        def __init__(self):
+            from ray_mff.methods import get_fuser
+
+            self.inner = get_fuser("guided")
+
+        def fuse(self, images):
+            if np.asarray(images[0]).shape[0] == 80:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.inner.fuse(images)
+
+    out = tmp_path / "out"
+    summary = run_pipeline(discover_stacks(str(tmp_path / "in")), {"name": "guided"}, str(out),
+                           runner.RunOptions(recipe_id="r", compute_metrics=False), fuser_factory=DiesOn80px,
+                           num_actors=1, flush_every=1)
+    assert (summary.fused, summary.failed, summary.exit_code) == (3, 1, runner.EXIT_FAILED)
+    latest = _latest(out)
+    assert (latest.loc[ids, "status"] == "ok").all()
+    assert latest.loc[victim, "error_kind"] == "resource" and "died twice" in latest.loc[victim, "error"]
+    assert len(manifest.read_manifest(str(out))) == 4  # one row per stack
+    fuse_actors = [a for a in ray_session._private.state.state.actor_table(None).values()
+                   if "FuseStage" in a["ActorClassName"] and a["JobID"] == ray_session.get_runtime_context().get_job_id()]
+    assert sum(a["NumRestarts"] for a in fuse_actors) == 2  # killed twice: the first try and one retry
+
+
 # ----------------------------------------------------------------------------------- 8: the manifest
 
 
@@ -407,6 +576,80 @@ def test_manifest_compaction_schema_evolution_and_seq_order(tmp_path, capsys, mo
     table = pq.read_table(out / "manifest.parquet" / files[0])
     assert table.num_rows == 9 and table["stack_id"].to_pylist() == sorted(table["stack_id"].to_pylist())
     assert sorted(_latest(out).index) == ids and len(set(_latest(out).run_id)) == 1
+
+
+def _old_planner():
+    """The previous (per-stack loop) planner, kept in bench/manifest.py as the benchmark's baseline."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_manifest", REPO / "bench" / "manifest.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.old_plan
+
+
+def test_vectorised_plan_decides_as_the_stack_by_stack_plan(tmp_path):
+    """The Arrow planner (list or listing-table input) against the old loop on a mixed manifest:
+    every reason, the waiting errors, legacy rows, outputs outside OUTPUT, newest-by-seq, force."""
+    import datetime as dt
+
+    from ray_mff.stacks import Stack
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    stacks = [Stack(f"s{i:02d}", (f"/in/s{i:02d}_A.png", f"/in/s{i:02d}_B.png"),
+                    {"sizes": (10, 11), "versions": ("1", str(i)), "folder": ""}) for i in range(18)]
+    fp = {s.id: runner.source_fingerprint(s) for s in stacks}
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+    def row(sid, seq, **kw):
+        path = out / f"{sid}.png"
+        path.touch()
+        return {"run_id": "r", "stack_id": sid, "source_fingerprint": fp[sid], "recipe_id": "R", "status": "ok",
+                "output_uri": str(path), "seq": seq, "finished_at": now, **kw}
+
+    rows = [row("s00", 0),                                                     # done: skipped
+            row("s01", 1, output_uri=str(out / "gone.png")),                   # output missing
+            row("s02", 2, source_fingerprint="other"),                         # input changed
+            row("s03", 3, recipe_id="old"),                                    # recipe changed
+            row("s04", 4, status="error", error="x", error_kind="storage"),    # retry storage error
+            row("s05", 5, status="error", error="s05: corrupt", error_kind="input"),      # waits
+            row("s06", 6, status="error", error="s06: died twice", error_kind="resource"),  # waits
+            row("s07", 7, status="error", error="No space left on device"),    # no kind: storage by message
+            row("s08", 8, status="error", error="s08: bad pixels", error_kind=""),  # no kind: input, waits
+            row("s10", 9), row("s10", 10, status="error", error="e", error_kind="input"),  # newest wins: waits
+            row("s11", 11, status="error", error="e", error_kind="input"), row("s11", 12),   # newest: ok
+            row("s12", 13, output_uri=str(elsewhere / "s12.png")),            # outside OUTPUT: a HEAD, there
+            row("s13", 14, output_uri=str(elsewhere / "nope.png")),           # outside OUTPUT, missing
+            row("s14", 15, status="error", error="bug", error_kind="internal"),  # retry internal error
+            row("s15", 16, output_uri=None),                                   # ok row without output
+            row("s16", 17, output_uri=str(out / "sub" / "s16.png"))]          # in a sub-folder
+    (elsewhere / "s12.png").touch()
+    (out / "sub" / "s16.png").touch()
+    # a row written before seq and recipes existed: its fingerprint is names + sizes (s09: new)
+    legacy = {**row("s17", None, recipe_id=None), "source_fingerprint": runner.legacy_fingerprint(stacks[17])}
+    manifest.write_part(str(out), rows + [legacy], "r", 0)
+    old_plan = _old_planner()
+    for opts in (runner.RunOptions(recipe_id="R"), runner.RunOptions(recipe_id="R", retry_errors=True),
+                 runner.RunOptions(recipe_id=None), runner.RunOptions(recipe_id="other"),
+                 runner.RunOptions(recipe_id="R", force=True)):
+        todo, reasons, n_skipped, waiting = old_plan(stacks, str(out), opts)
+        for given in (stacks, runner.listing_table(iter(stacks), chunk=5)):
+            plan = runner.plan_stacks(given, str(out), opts)
+            assert [s.id for s in plan.todo] == [s.id for s in todo] and plan.reasons == reasons, opts
+            assert (plan.n_skipped, plan.waiting, plan.first_seq) == (n_skipped, waiting, 18)
+            assert plan.todo == todo and [s.meta for s in plan.todo] == [s.meta for s in todo]  # round-trip
+            assert {s.id for s in plan.skipped} == {s.id for s in stacks} - set(reasons)
+    plan = runner.plan_stacks(stacks, str(out), runner.RunOptions(recipe_id="R"))
+    assert plan.reasons == {"s01": "output missing", "s02": "input changed", "s03": "recipe changed",
+                            "s04": "retry storage error", "s07": "retry storage error", "s09": "new",
+                            "s13": "output missing", "s14": "retry internal error", "s15": "output missing"}
+    assert plan.waiting == 4 and plan.n_skipped == 9  # s05 s06 s08 s10 wait; s00 s11 s12 s16 s17 done
+    (out / "sub" / "s16.png").unlink()
+    assert runner.plan_stacks(stacks, str(out), runner.RunOptions(recipe_id="R")).reasons["s16"] == "output missing"
+    assert runner.plan_stacks(stacks, str(tmp_path / "new"), runner.RunOptions()).reasons == \
+        {s.id: "new" for s in stacks}
 
 
 # ------------------------------------------------------------------------------------- 9: memory
