@@ -147,7 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="2,4", help="stack sizes to render (e.g. 2,4,8)")
     p.add_argument("--stacks", type=int, default=None,
                    help="images used for stacks of more than 2 (default: --images); e.g. 50 pairs, 25 stacks")
-    p.add_argument("--methods", default=None, help="comma list (default: every method with weights)")
+    p.add_argument("--methods", default=None,
+                   help="comma list (default: every method with weights); NAME:key=value passes a fuser "
+                        "option, e.g. stacknet_s:correction=off")
     p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
                    help="weights file of a learned method (e.g. a training checkpoint); repeatable")
     p.add_argument("--engine", default="auto")
@@ -176,8 +178,7 @@ def main(argv=None) -> int:
     if maps:
         maps.mkdir(parents=True, exist_ok=True)
 
-    fusers = {m: get_fuser(m, engine=args.engine, **({"weights": weights[m]} if m in weights else {}))
-              for m in methods}
+    fusers = {m: _fuser(m, args.engine, weights) for m in methods}
     totals: dict[tuple[str, int], list[dict]] = {}
     seconds: dict[tuple[str, int], float] = {}
     pixels: dict[int, float] = {}
@@ -237,6 +238,28 @@ def main(argv=None) -> int:
           f"MP/s = output megapixels per second of fusion{'; openfocus: ' + peer if peer else ''}")
     _print(rows, args.markdown)
     return 0
+
+
+def _option_value(text: str):
+    low = text.lower()
+    if low in ("true", "false", "on", "off"):
+        return low in ("true", "on")
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _fuser(spec: str, engine: str, weights: dict):
+    """``NAME`` or ``NAME:key=value[:key=value...]`` (fuser options, e.g. ``stacknet_s:correction=off``,
+    so one run can compare a method with and without an option; the row keeps the whole spec)."""
+    name, *pairs = spec.split(":")
+    options = {k: _option_value(v) for k, v in (pair.split("=", 1) for pair in pairs)}
+    if name in weights:
+        options["weights"] = weights[name]
+    return get_fuser(name, engine=engine, **options)
 
 
 def _available_methods() -> list[str]:

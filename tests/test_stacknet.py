@@ -86,6 +86,12 @@ def test_fuser_modes_dtypes_and_calibration(net):
     # a chunk that holds the whole stack is the joint pass itself
     one = StackFuser(engine, chunk=8).fuse(stack)
     assert one.stats["calibration"] == "joint" and np.array_equal(one.fused, joint.fused)
+    # correction off: the fused image is the decision's blend alone (same weights, same correction map)
+    plain = StackFuser(engine, calibration=False, chunk=3, correction=False).fuse(stack)
+    assert np.array_equal(plain.weights, joint.weights) and np.array_equal(plain.correction, joint.correction)
+    blend = np.einsum("hwn,nhwc->hwc", plain.weights, np.stack(stack).astype(np.float32) / 255)
+    assert np.abs(plain.fused.astype(np.float32) - np.clip(np.rint(blend * 255), 0, 255)).max() <= 1
+    assert not plain.stats["correction"] and joint.stats["correction"]
 
 
 def test_polygon_psf_and_training_stacks():
