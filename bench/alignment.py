@@ -252,9 +252,12 @@ def fusion_table(cases, fuser) -> tuple[list[list[str]], dict]:
         mask = valid_region(transforms, truth.shape[:2])
         for name, opts in variants.items():
             planes = list(stack) if opts is None else list(moved)
-            if opts is not None:
-                planes, _ = align_stack(planes, opts)
+            if opts is not None:  # lazily, as the runner aligns for guided (ray_mff.align.AlignedPlanes)
+                planes, _ = align_stack(planes, opts, lazy=True)
             scores[name].append(psnr(truth, fuser.fuse(planes).fused, mask))
+        planes, _ = align_stack(list(moved), AlignOptions(mode="similarity"))  # every plane warped bicubically
+        scores.setdefault("moved, --align similarity, eager (every plane warped, before)", []).append(
+            psnr(truth, fuser.fuse(planes).fused, mask))
         original = align._Registrar._symmetric  # the estimate before it was made symmetric
         align._Registrar._symmetric = _one_direction
         try:
@@ -291,9 +294,22 @@ def _quality(sources, fused, q_y: bool) -> dict:
 
 
 def cost_rounds(fuser, images, how, rounds: int = 3) -> dict:
-    """Align (estimate + apply, default options) and guided fusion timed in alternation, ``rounds``
-    times: on a shared, loaded machine the ratio within a round is what means something."""
-    ratios, cpu_ratios, rows = [], [], []
+    """Alignment and guided fusion timed in alternation, ``rounds`` times (on a shared, loaded
+    machine the ratio within a round is what means something), wall clock and process CPU time.
+
+    Per round: estimate (default options); *eager*: warp every plane bicubically, then fuse the
+    warped stack (how the stage ran before: its cost is estimate + warp, against this fusion);
+    *lazy*: fuse :class:`ray_mff.align.AlignedPlanes`, which warps what guided uses (its cost is
+    estimate + the fusion's extra time over the fusion of the same planes already warped); and the
+    unaligned stack fused as read (the same cost against plain guided: estimate + lazy - plain).
+    Every fusion reads a lazy sequence (one luminance at a time, as the runner's), so the fusions
+    differ only in what they warp.
+    """
+    from ray_mff.planes import ArrayPlanes
+
+    rows, out = [], {"eager": [], "lazy": [], "lazy_vs_plain": []}
+    axes = "ZYXS" if images[0].ndim == 3 else "ZYX"
+    plain = ArrayPlanes(np.stack(images), axes)
 
     def now():
         return np.array([time.perf_counter(), time.process_time()])  # wall; CPU of all threads
@@ -302,13 +318,24 @@ def cost_rounds(fuser, images, how, rounds: int = 3) -> dict:
         t0 = now()
         estimated = estimate_alignment(images, AlignOptions(mode="similarity"))
         t1 = now()
-        aligned = [estimated.apply(img, i) for i, img in enumerate(images)]
+        aligned = ArrayPlanes(np.stack([estimated.apply(img, i) for i, img in enumerate(images)]), axes)
         t2 = now()
-        fuser.fuse(aligned)
+        eager = fuser.fuse(aligned)
         t3 = now()
-        ratios.append((t2[0] - t0[0]) / (t3[0] - t2[0]))
-        cpu_ratios.append((t2[1] - t0[1]) / (t3[1] - t2[1]))
-        rows.append((t1 - t0, t2 - t1, t3 - t2))
+        lazy = fuser.fuse(align.AlignedPlanes(images, estimated))
+        t4 = now()
+        fuser.fuse(plain)
+        t5 = now()
+        est, warp, g_eager, g_lazy, g_plain = t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4
+        out["eager"].append((est + warp) / g_eager)
+        out["lazy"].append((est + g_lazy - g_eager) / g_eager)
+        out["lazy_vs_plain"].append((est + g_lazy - g_plain) / g_plain)
+        rows.append((est, warp, g_eager, g_lazy, g_plain))
+        del aligned
+    # the fused images of the two paths against each other (the last round's)
+    a, b = eager.fused, lazy.fused
+    err = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    agreement = float(np.mean(eager.index_map == lazy.index_map))
     kernels = {}
     for kernel in align.RESAMPLING:  # apply time of each resampling kernel, against bicubic's
         how.options = AlignOptions(mode="similarity", resampling=kernel)
@@ -317,7 +344,9 @@ def cost_rounds(fuser, images, how, rounds: int = 3) -> dict:
             how.apply(img, i)
         kernels[kernel] = time.perf_counter() - t0
     how.options = AlignOptions(mode="similarity")
-    return {"rounds": rows, "ratios": ratios, "cpu_ratios": cpu_ratios, "kernels": kernels, "summary": how.summary()}
+    return {"rounds": rows, "ratios": out, "kernels": kernels, "summary": how.summary(),
+            "psnr_lazy_vs_eager": float(10 * np.log10(255.0 ** 2 / err)) if err > 0 else float("inf"),
+            "max_diff": int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max()), "index_agreement": agreement}
 
 
 def real_tables(fuser, lytro_pairs: int):
@@ -345,8 +374,8 @@ def real_tables(fuser, lytro_pairs: int):
             plain = fuser.fuse(images).fused
             aligned_none, _ = align_stack(list(images), AlignOptions())
             identical &= bool(np.array_equal(plain, fuser.fuse(aligned_none).fused))
-            aligned, how = align_stack(list(images), AlignOptions(mode="similarity"))
-            fused = fuser.fuse(aligned).fused
+            aligned, how = align_stack(list(images), AlignOptions(mode="similarity"))  # the sources to score against
+            fused = fuser.fuse(align.AlignedPlanes(images, how)).fused  # fused as the runner does for guided
             motion = [align.corner_motion(t, images[0].shape[:2]) for i, t in enumerate(how.transforms) if i != how.reference]
             still += sum(m < align.STILL_PX for m in motion)
             moved_planes += len(motion)
@@ -503,16 +532,23 @@ def main(argv=None) -> int:
         print(format_table(["set", "align", "Q_G", "Q_Y", "Q_MI", "none bit-identical",
                                      "planes not resampled (no evidence of motion)"], qlines, args.markdown))
         if cost:
-            print("\n4. stack_v4 cost: align (estimate + apply, bicubic) against guided fusion, alternating rounds")
-            lines = [[str(k + 1), f"{e[0]:.2f} / {e[1]:.2f}", f"{a[0]:.2f} / {a[1]:.2f}", f"{g[0]:.2f} / {g[1]:.2f}",
-                      f"{r:.3f}", f"{c:.3f}"]
-                     for k, ((e, a, g), r, c) in enumerate(zip(cost["rounds"], cost["ratios"], cost["cpu_ratios"]))]
-            print(format_table(["round", "estimate s wall / cpu", "apply s wall / cpu", "guided s wall / cpu",
-                                "align / guided, wall", "cpu"], lines, args.markdown))
-            print(f"median align / guided = {float(np.median(cost['ratios'])):.3f} wall, "
-                  f"{float(np.median(cost['cpu_ratios'])):.3f} CPU (need <= 0.30); apply time "
-                  "against bicubic: " + ", ".join(f"{k} {t / cost['kernels']['cubic']:.2f}x"
-                                                  for k, t in cost["kernels"].items()))
+            print("\n4. stack_v4 cost: align against guided fusion, alternating rounds (s wall / CPU); "
+                  "ratios in CPU time (wall in brackets)")
+            r = cost["ratios"]
+            lines = [[str(k + 1)] + [f"{t[0]:.2f} / {t[1]:.2f}" for t in row]
+                     + [f"{e[1]:.3f} ({e[0]:.3f})", f"{z[1]:.3f} ({z[0]:.3f})", f"{p[1]:.3f} ({p[0]:.3f})"]
+                     for k, (row, e, z, p) in enumerate(zip(cost["rounds"], r["eager"], r["lazy"], r["lazy_vs_plain"]))]
+            print(format_table(["round", "estimate", "warp all (bicubic)", "guided, warped list", "guided, lazy view",
+                                "guided, unaligned", "eager / guided", "lazy / guided", "lazy / unaligned guided"],
+                               lines, args.markdown))
+            med = {k: np.median(np.array(v), axis=0) for k, v in r.items()}
+            print(f"median align / guided, CPU (wall): eager {med['eager'][1]:.3f} ({med['eager'][0]:.3f}), "
+                  f"lazy {med['lazy'][1]:.3f} ({med['lazy'][0]:.3f}), lazy vs unaligned guided "
+                  f"{med['lazy_vs_plain'][1]:.3f} ({med['lazy_vs_plain'][0]:.3f}) (need <= 0.30)")
+            print(f"lazy vs eager fused image: PSNR {cost['psnr_lazy_vs_eager']:.2f} dB, max difference "
+                  f"{cost['max_diff']}, index maps agree on {100 * cost['index_agreement']:.2f}% of pixels")
+            print("apply time against bicubic: " + ", ".join(f"{k} {t / cost['kernels']['cubic']:.2f}x"
+                                                            for k, t in cost["kernels"].items()))
             print(f"   {cost['summary']}")
     return 0
 

@@ -51,7 +51,14 @@ planes share little sharp detail with the middle one.
 Memory: estimation reads one plane at a time and keeps only the reference's small pyramid (and,
 chained, the neighbour's). Applying is per plane: a list is aligned in
 place (entry by entry, so peak memory is the stack plus one plane); any other sequence (a lazy
-reader) gets a view that aligns plane ``i`` when it is read.
+reader), or a list with ``lazy=True``, gets a view (:class:`AlignedPlanes`) that aligns plane
+``i`` when it is read.
+
+Cost: resampling is most of the stage's time (bicubic ``warpAffine``, ~40 ms per 1600x1200 RGB
+plane, has no vectorised path), so the view warps only what a fuser uses. ``guided`` measures
+focus on each plane as read and resamples the measure (one bilinear channel), reads the guide's
+luminance only where a plane is chosen, and the colour planes only where their weight is
+non-zero: on stack_v4, 65 planes, about 3 planes' worth of bicubic colour (docs/alignment.md, 4).
 
 Example:
     >>> import numpy as np, skimage.data
@@ -66,21 +73,26 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
 
 from ray_mff.errors import StackMismatchError
 from ray_mff.fusion.luminance import BT601, dtype_max
+from ray_mff.planes import MappedPlanes, PlaneSequence, plane_shape
 
 MODES = ("none", "translation", "similarity", "affine")
 REFERENCES = ("middle", "chain")
 # Resampling kernels of the apply step (bench/alignment.py measures each): bilinear blurs sharp
 # detail, bicubic is the default, Lanczos-4 keeps the most detail at about 4x bicubic's time.
 RESAMPLING = {"linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC, "lanczos4": cv2.INTER_LANCZOS4}
+# A focus measure is taken on each plane as read and its map resampled bilinearly
+# (AlignedPlanes.focus_maps): a windowed energy is smooth, so bilinear loses nothing there, while
+# measuring focus on a resampled plane measures the kernel's blur too (bilinear luminance: -2 dB
+# on the unit test stack; docs/alignment.md, section 4). One bilinear channel instead of three bicubic.
+MEASURE_RESAMPLING = cv2.INTER_LINEAR
 # A plane whose transform moves no image corner by this much (px) is not resampled: it is
 # already registered, and resampling would only smooth it (bicubic costs ~0.1 dB against the
 # truth, table 2 of docs/alignment.md) and take time. Well under the estimator's own median error.
@@ -252,32 +264,85 @@ class StackAlignment:
         y0, y1, x0, x1 = self.crop_box
         return (y1 - y0, x1 - x0)
 
-    def apply(self, plane: np.ndarray, i: int) -> np.ndarray:
-        """Plane ``i`` as read -> the same plane in the reference frame (flat-field, exposure, warp, crop)."""
+    def apply(self, plane: np.ndarray, i: int, window: tuple[int, int, int, int] | None = None, *,
+              luminance: bool = False, measure: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """Plane ``i`` as read -> the same plane in the reference frame (flat-field, exposure, warp, crop).
+
+        window:    (y0, y1, x0, x1) of the output frame: only those pixels are resampled, from only
+                   the part of the plane they map to. Equal to ``apply(plane, i)[y0:y1, x0:x1]``
+                   within one grey level (OpenCV's fixed-point sample positions round a shifted map
+                   differently in rare pixels); exact for planes that are not resampled.
+        luminance: return the plane's (H, W) float32 luminance in [0, 1] (as
+                   :func:`ray_mff.fusion.luminance.luminance`), converted *before* the warp: one
+                   channel to resample instead of three.
+        measure:   with ``luminance``: a map computed from the luminance *as read* (a focus
+                   measure), then resampled bilinearly (``MEASURE_RESAMPLING``); whole planes only.
+        """
         p = self.planes[i]
         x = np.asarray(plane)
-        photometric = self.flat is not None or p.gain != 1.0 or p.offset != 0.0
-        if photometric:
-            y = x.astype(np.float32)
-            if self.flat is not None:
-                y *= self.flat
-            full = np.float32(dtype_max(x.dtype))
-            if p.gain != 1.0 or p.offset != 0.0:
-                y *= np.float32(p.gain)
-                y += np.float32(p.offset) * full
-        else:
-            y = x
+        h, w = self.out_shape()
+        y0, y1, x0, x1 = window if window is not None else (0, h, 0, w)
+        oy, ox = (self.crop_box[0], self.crop_box[2]) if self.crop_box is not None else (0, 0)
         moved = corner_motion(p.transform, self.shape) >= STILL_PX
-        if moved or self.crop_box is not None:
-            # a still plane is only cropped: an integer shift, which copies pixels exactly
-            t = p.transform if moved else np.eye(3)
-            y = _warp(y, t, self.crop_box, self.shape, RESAMPLING[self.options.resampling])
-        if y is x:
-            return x
+        # output pixel (u, v) is reference pixel (u + x0 + ox, v + y0 + oy); a still plane is only
+        # cropped (an integer shift: its pixels are copied exactly)
+        m = p.transform @ _translation(x0 + ox, y0 + oy)
+        if not moved:
+            box = (y0 + oy, y1 + oy, x0 + ox, x1 + ox)
+        elif window is not None:
+            box = _source_box(m, (y1 - y0, x1 - x0), x.shape[:2])
+        else:
+            box = (0, x.shape[0], 0, x.shape[1])
+        sy0, sy1, sx0, sx1 = box
+        src = x[sy0:sy1, sx0:sx1]
+        y = self._photometric(src, p, None if self.flat is None else self.flat[sy0:sy1, sx0:sx1])
+        if luminance:
+            if y is not src and x.dtype.kind in "ui":  # as apply() would have clipped it
+                np.clip(y, 0, dtype_max(x.dtype), out=y)
+            y = _to_lum(y, x.dtype)
+            if measure is not None:
+                if window is not None:
+                    raise ValueError("a measure is taken over whole planes, not windows")
+                y = measure(y)
+        if moved:
+            interpolation = MEASURE_RESAMPLING if measure is not None else RESAMPLING[self.options.resampling]
+            y = _warp(y, _translation(-sx0, -sy0) @ m, (x1 - x0, y1 - y0), interpolation)
+        if luminance or y is src:
+            return y
         if x.dtype.kind in "ui" and y.dtype != x.dtype:
             info = np.iinfo(x.dtype)
             y = np.clip(np.rint(y), info.min, info.max).astype(x.dtype)
         return y.astype(x.dtype, copy=False)
+
+    def _photometric(self, x: np.ndarray, p: PlaneAlignment, flat: np.ndarray | None) -> np.ndarray:
+        """Flat-field and exposure correction of (part of) a plane: float32, or ``x`` itself when none."""
+        if flat is None and p.gain == 1.0 and p.offset == 0.0:
+            return x
+        y = x.astype(np.float32)
+        if flat is not None:
+            y *= flat
+        if p.gain != 1.0 or p.offset != 0.0:
+            y *= np.float32(p.gain)
+            y += np.float32(p.offset) * np.float32(dtype_max(x.dtype))
+        return y
+
+
+def _translation(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0, dx], [0, 1.0, dy], [0, 0, 1.0]])
+
+
+def _source_box(m: np.ndarray, size: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the part of a plane of ``shape`` that output pixels [0, h) x [0, w) sample
+    under ``m`` (output -> plane), with the bicubic kernel's support and a pixel to spare, clipped
+    to the plane (never empty, so replicated borders stay the plane's own)."""
+    h, w = size
+    corners = m @ np.array([[0, w - 1, 0, w - 1], [0, 0, h - 1, h - 1], [1, 1, 1, 1]], float)
+    ph, pw = shape
+    sx0 = min(max(int(math.floor(corners[0].min())) - 3, 0), pw - 1)
+    sy0 = min(max(int(math.floor(corners[1].min())) - 3, 0), ph - 1)
+    sx1 = max(min(int(math.ceil(corners[0].max())) + 4, pw), sx0 + 1)
+    sy1 = max(min(int(math.ceil(corners[1].max())) + 4, ph), sy0 + 1)
+    return sy0, sy1, sx0, sx1
 
 
 def corner_motion(transform: np.ndarray, shape: tuple[int, int]) -> float:
@@ -287,16 +352,11 @@ def corner_motion(transform: np.ndarray, shape: tuple[int, int]) -> float:
     return float(np.abs((transform @ p - p)[:2]).max())
 
 
-def _warp(img: np.ndarray, transform: np.ndarray, crop_box, shape, interpolation: int) -> np.ndarray:
-    """Resample ``img`` into the reference frame (or its crop box), replicated borders.
+def _warp(img: np.ndarray, m: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """Resample ``img`` at ``m`` @ (u, v, 1) for every output pixel (u, v) of ``size`` (w, h), replicated borders.
 
     OpenCV warps at most 4 channels at once: more channels go through in groups of 4.
     """
-    h, w = shape
-    y0, y1, x0, x1 = crop_box if crop_box is not None else (0, h, 0, w)
-    # output pixel (u, v) is reference pixel (u + x0, v + y0): shift the map accordingly
-    m = transform @ np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1.0]])
-    size = (x1 - x0, y1 - y0)
     flags = interpolation | cv2.WARP_INVERSE_MAP
     if img.ndim == 2 or img.shape[2] <= 4:
         out = cv2.warpAffine(img, m[:2], size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
@@ -781,28 +841,86 @@ def common_valid_box(shape: tuple[int, int], transforms: list[np.ndarray]) -> tu
     return (y0, y1, x0, x1)
 
 
-class AlignedPlanes(SequenceABC):
-    """A lazy view: plane ``i`` of ``planes`` in the reference frame, aligned when it is read."""
+class AlignedPlanes(PlaneSequence):
+    """A lazy view: plane ``i`` of ``planes`` in the reference frame, aligned when it is read.
 
-    def __init__(self, planes: Sequence[np.ndarray], alignment: StackAlignment):
-        self._planes, self.alignment = planes, alignment
+    Fusion that uses less than every pixel of every plane warps less ("warp what you use"):
+
+    - :meth:`read_regions` aligns only given windows of a plane (the composite of
+      :func:`ray_mff.fusion.decision.fuse_with_weights` reads a plane only where its weight is
+      non-zero: on stack_v4 about 3 planes' worth of pixels out of 65);
+    - :meth:`luminance_view` is the same stack as (H, W) float32 luminance, converted before the
+      warp (one channel to resample; ``guided``'s decision guide reads it by region);
+    - :meth:`focus_maps` measures focus on each plane as read and resamples only the measure.
+
+    ``crop`` (tiling) aligns only the window it is asked for.
+    """
+
+    def __init__(self, planes: Sequence[np.ndarray], alignment: StackAlignment, *, luminance: bool = False):
+        self._planes, self.alignment, self._luminance = planes, alignment, luminance
+        base = plane_shape(planes)
+        self.shape = tuple(alignment.out_shape()) + (() if luminance else tuple(base[2:]))
+        dtype = getattr(planes, "dtype", None)
+        self.dtype = np.dtype(np.float32 if luminance else np.asarray(planes[0]).dtype if dtype is None else dtype)
 
     def __len__(self) -> int:
         return len(self._planes)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        return self.alignment.apply(self._planes[i], i if i >= 0 else i + len(self))
+    def _read(self, k: int) -> np.ndarray:
+        return self.alignment.apply(self._planes[k], k, luminance=self._luminance)
+
+    def _read_window(self, k: int, window: tuple[int, int, int, int]) -> np.ndarray:
+        return self.alignment.apply(self._planes[k], k, window, luminance=self._luminance)
+
+    def read_regions(self, k: int, windows: Sequence[tuple[int, int, int, int]]) -> list[np.ndarray]:
+        """Plane ``k`` aligned over each (y0, y1, x0, x1) window of the output frame; the plane is
+        read once. Each equals ``self[k][y0:y1, x0:x1]`` within one grey level (:meth:`StackAlignment.apply`)."""
+        if not windows:
+            return []
+        plane = self._planes[k]
+        return [self.alignment.apply(plane, k, tuple(win), luminance=self._luminance) for win in windows]
+
+    def luminance_view(self) -> "AlignedPlanes":
+        """The same planes as (H, W) float32 luminance in [0, 1], aligned when read."""
+        return self if self._luminance else AlignedPlanes(self._planes, self.alignment, luminance=True)
+
+    def focus_maps(self, focus_measure: Callable[[np.ndarray, int], np.ndarray], window: int,
+                   scale_power: float = 0.0) -> Sequence[np.ndarray]:
+        """Lazy (H, W) float32 maps ``focus_measure(luminance, window) * scale ** scale_power`` of
+        each plane as read, resampled bilinearly into the output frame (``MEASURE_RESAMPLING``).
+
+        ``scale`` is the plane's magnification against the reference (:attr:`PlaneAlignment.scale`).
+        A measure built from derivatives of order m raised to the power q falls as scale^(-m q)
+        when a plane is magnified (derivatives of the magnified image are 1/scale times the
+        reference's; the scale normalisation of Lindeberg, "Feature detection with automatic scale
+        selection", IJCV 30(2), 1998): ``scale_power = m q`` puts every plane's measure on the
+        reference's footing, as measuring it after the warp does.
+        """
+        def measure(k: int) -> np.ndarray:
+            factor = np.float32(self.alignment.planes[k].scale ** scale_power)
+            fm = functools.partial(_scaled_measure, focus_measure, window, factor)
+            return self.alignment.apply(self._planes[k], k, luminance=True, measure=fm)
+
+        return MappedPlanes(range(len(self)), measure)
+
+
+def _scaled_measure(focus_measure, window: int, factor: np.float32, lum: np.ndarray) -> np.ndarray:
+    fm = focus_measure(lum, window)
+    if factor != 1:
+        fm *= factor
+    return fm
 
 
 def align_stack(planes: Sequence[np.ndarray], options: AlignOptions, *, flat: np.ndarray | None = None,
-                **read_kw) -> tuple[Sequence[np.ndarray], StackAlignment]:
+                lazy: bool = False, **read_kw) -> tuple[Sequence[np.ndarray], StackAlignment]:
     """Register (and photometrically match) a stack; return the aligned planes and how.
 
     planes:  N arrays of one shape and dtype: a list is aligned in place (each entry replaced by
              its aligned plane, so memory stays at the stack plus one plane) and returned; any
              other sequence is wrapped in :class:`AlignedPlanes` (aligned when read).
+    lazy:    wrap a list in :class:`AlignedPlanes` too. For fusers that read planes by region and
+             luminance (``guided``: it then warps a few planes' worth of colour pixels instead of
+             all N); fusers that read every plane whole, some more than once, do better eagerly.
     options: :class:`AlignOptions`; with ``mode="none"`` and no photometry the planes come back
              untouched (the same objects).
     flat:    a precomputed flat-field correction; else ``options.flat_field`` is read
@@ -820,7 +938,7 @@ def align_stack(planes: Sequence[np.ndarray], options: AlignOptions, *, flat: np
     if flat is None and options.flat_field:
         flat = _cached_flat_field(options.flat_field, np.asarray(planes[0]).shape, tuple(sorted(read_kw.items())))
     alignment = estimate_alignment(planes, options, flat=flat)
-    if isinstance(planes, list):
+    if isinstance(planes, list) and not lazy:
         for i in range(len(planes)):
             planes[i] = alignment.apply(planes[i], i)
         return planes, alignment

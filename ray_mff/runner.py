@@ -442,7 +442,9 @@ def _fuse_and_write(stack: Stack, fuser, output_root: str, opts: RunOptions, row
             # the align stage (a no-op by default): estimated once per stack, on the first
             # (T, C) group, and applied plane by plane to every group
             if alignment is None:
-                planes, alignment = align_stack(planes, opts.align)
+                # guided reads an aligned view by region and luminance: it warps far less than
+                # every plane whole (ray_mff.align.AlignedPlanes), so a stack in memory goes lazy too
+                planes, alignment = align_stack(planes, opts.align, lazy=getattr(fuser, "name", None) == "guided")
                 alignment.update_row(row)
                 images = planes
             elif opts.align.active:

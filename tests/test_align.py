@@ -154,6 +154,74 @@ def test_a_lazy_sequence_is_aligned_plane_by_plane(moved_stack):
     assert np.array_equal(lazy[-1], eager[-1])
 
 
+@pytest.mark.parametrize("options", [AlignOptions(mode="similarity"), AlignOptions(mode="similarity", crop=True),
+                                     AlignOptions(mode="similarity", match_exposure=True)],
+                         ids=["full-frame", "crop", "exposure"])
+def test_a_window_of_an_aligned_plane_is_that_window_of_the_whole_warp(moved_stack, options):
+    moved = moved_stack[2]
+    lazy, how = align_stack(list(moved), options, lazy=True)
+    h, w = how.out_shape()
+    windows = [(0, 50, 0, 70), (37, 150, 100, h), (100, h, 128, w), (0, h, 0, w), (5, 6, w - 1, w)]
+    for i in range(len(moved)):
+        whole = lazy[i]
+        for (y0, y1, x0, x1), part in zip(windows, lazy.read_regions(i, windows)):
+            diff = np.abs(part.astype(np.int32) - whole[y0:y1, x0:x1].astype(np.int32))
+            # OpenCV's fixed-point sample positions of a shifted map round differently in rare pixels
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (i, (y0, y1, x0, x1))
+            if i == how.reference:  # not resampled: cropped exactly
+                assert diff.max() == 0
+
+
+def test_guided_warps_what_it_uses_and_fuses_as_the_eager_stack(moved_stack):
+    from ray_mff.fusion.luminance import luminance
+
+    stack, truth, moved, transforms = moved_stack
+    eager, how = align_stack(list(moved), AlignOptions(mode="similarity"))
+    lazy, _ = align_stack(list(moved), AlignOptions(mode="similarity"), lazy=True)
+    assert type(lazy).__name__ == "AlignedPlanes" and lazy.shape == moved[0].shape and lazy.dtype == np.uint8
+    assert all(np.array_equal(lazy[i], eager[i]) for i in range(len(moved)))  # whole planes: the eager warp
+    lums = lazy.luminance_view()
+    ref = how.reference
+    assert np.array_equal(lums[ref], luminance(eager[ref]))  # a plane not resampled: exactly the same
+    assert np.abs(lums[0] - luminance(eager[0]))[8:-8, 8:-8].max() < 0.01  # luminance before the warp
+    fuser = get_fuser("guided")
+    old, new = fuser.fuse(eager), fuser.fuse(lazy)
+    assert np.mean(old.index_map == new.index_map) > 0.9  # measured 0.93 (flat areas: near-equal weights)
+    err = np.mean((old.fused.astype(float) - new.fused.astype(float)) ** 2)
+    assert 10 * np.log10(255.0 ** 2 / err) > 48  # measured 52.5 dB
+    mask = _valid(transforms, truth.shape[:2])
+    assert _psnr(truth, new.fused, mask) > _psnr(truth, old.fused, mask) - 0.1
+
+
+def test_composite_read_by_region_is_bit_identical_to_reading_whole_planes(moved_stack):
+    from ray_mff.fusion.decision import fuse_with_weights, nonzero_windows
+    from ray_mff.planes import ArrayPlanes
+
+    class Regions(ArrayPlanes):  # exact windows: the tiling of the composite alone must change nothing
+        read = []
+
+        def read_regions(self, k, windows):
+            self.read.append((k, len(windows)))
+            return [self[k][y0:y1, x0:x1] for y0, y1, x0, x1 in windows]
+
+    stack = np.stack(moved_stack[0])
+    n, h, w = stack.shape[:3]
+    weights = np.zeros((h, w, n), np.float32)
+    weights[:100, :90, 0] = 0.25
+    weights[..., 1] = 0.5
+    weights[150:, 200:, 2] = 0.5
+    weights[..., 3] = 1.0 - weights[..., :3].sum(axis=2)
+    regions = Regions(stack, "ZYXS")
+    assert np.array_equal(fuse_with_weights(regions, weights), fuse_with_weights(list(stack), weights))
+    assert regions.read[0] == (0, 1) and regions.read[2] == (2, 1)  # one window each: (0..127, 0..127), the corner
+    windows = nonzero_windows(weights[..., 0], tile=64)
+    assert windows == [(0, 64, 0, 128), (64, 128, 0, 128)]
+    covered = np.zeros((h, w), bool)
+    for y0, y1, x0, x1 in nonzero_windows(weights[..., 2], tile=64):
+        covered[y0:y1, x0:x1] = True
+    assert covered[weights[..., 2] != 0].all() and covered.sum() < 0.2 * h * w
+
+
 def test_chained_reference_composes_neighbour_transforms(moved_stack):
     _, truth, moved, transforms = moved_stack
     how = estimate_alignment(moved, AlignOptions(mode="similarity", reference="chain"))
@@ -166,6 +234,7 @@ def test_align_none_hands_back_the_planes_untouched(moved_stack):
     planes = list(moved_stack[2])
     out, how = align_stack(planes, AlignOptions())
     assert out is planes and all(a is b for a, b in zip(out, moved_stack[2]))
+    assert align_stack(planes, AlignOptions(), lazy=True)[0] is planes  # lazy or not: nothing to align
     assert how.summary() == {"align": None} and how.warning() is None
 
 

@@ -153,12 +153,22 @@ def verify_index_map(
 
 def decision_guide(index_map: np.ndarray, sources_lum: Sequence[np.ndarray]) -> np.ndarray:
     """Guide of the refinement: luminance of the initial (hard-decision) fused image, Liu et al.
-    2017 Sec. 3.4. Reads only the sources the map chooses, one at a time (``sources_lum`` may be lazy)."""
+    2017 Sec. 3.4. Reads only the sources the map chooses, one at a time (``sources_lum`` may be lazy);
+    a sequence offering ``read_regions`` (an aligned stack) only over the tiles where it is chosen."""
+    from ray_mff.fusion.decision import nonzero_windows
+
     idx = np.asarray(index_map)
     guide = np.zeros(idx.shape, dtype=np.float32)
+    read_regions = getattr(sources_lum, "read_regions", None)
     for k in np.flatnonzero(np.bincount(idx.ravel().astype(np.intp), minlength=len(sources_lum))):
         sel = idx == k
-        guide[sel] = np.asarray(sources_lum[int(k)], dtype=np.float32)[sel]
+        if read_regions is None:
+            guide[sel] = np.asarray(sources_lum[int(k)], dtype=np.float32)[sel]
+            continue
+        windows = nonzero_windows(sel)
+        for (y0, y1, x0, x1), part in zip(windows, read_regions(int(k), windows)):
+            s = sel[y0:y1, x0:x1]
+            guide[y0:y1, x0:x1][s] = np.asarray(part, dtype=np.float32)[s]
     return guide
 
 

@@ -82,23 +82,32 @@ def fuse_with_weights(images: Sequence[np.ndarray], weights) -> np.ndarray:
         weight_of = lambda k: w[..., k]  # noqa: E731
     else:
         weight_of = weights.weight
+    # a sequence that can align (or read) parts of a plane is read only where the weight is non-zero
+    read_regions = getattr(images, "read_regions", None)
     acc = tmp = first = None
     for n in range(n_images):
         wn = weight_of(n)
         if wn is None:
             continue
-        img = np.asarray(images[n])
-        if first is None:
-            first = img
-            acc = np.zeros(first.shape, dtype=np.float32)
-            tmp = np.empty(first.shape, dtype=np.float32)
-        if img.shape != first.shape or img.dtype != first.dtype:
-            raise ValueError(f"image {n} is {img.shape} {img.dtype}, expected {first.shape} {first.dtype}")
         wn = wn.astype(np.float32, copy=False)
-        if first.ndim == 3:
-            wn = wn[..., None]
-        np.multiply(img, wn, out=tmp, casting="unsafe")
-        acc += tmp
+        if read_regions is None:
+            windows, parts = [None], [np.asarray(images[n])]
+        else:
+            windows = nonzero_windows(wn)
+            parts = read_regions(n, windows)
+        for window, img in zip(windows, parts):
+            if first is None:
+                first = img
+                acc = np.zeros(wn.shape + img.shape[2:], dtype=np.float32)
+                tmp = np.empty(acc.shape, dtype=np.float32)
+            sl = np.s_[:, :] if window is None else np.s_[window[0]:window[1], window[2]:window[3]]
+            expected = acc[sl].shape
+            if img.shape != expected or img.dtype != first.dtype:
+                raise ValueError(f"image {n} is {img.shape} {img.dtype}, expected {expected} {first.dtype}")
+            wp = wn[sl][..., None] if img.ndim == 3 else wn[sl]
+            part = tmp[sl]
+            np.multiply(img, wp, out=part, casting="unsafe")
+            acc[sl] += part
     if first is None:
         raise ValueError("every source has weight 0")
     dtype = first.dtype
@@ -107,6 +116,24 @@ def fuse_with_weights(images: Sequence[np.ndarray], weights) -> np.ndarray:
         np.clip(acc, 0 if dtype.kind == "u" else np.iinfo(dtype).min, dtype_max(dtype), out=acc)
         return acc.astype(dtype)
     return acc.astype(dtype, copy=False)
+
+
+def nonzero_windows(weight: np.ndarray, tile: int = 128) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) windows covering every non-zero pixel of an (H, W) map: the ``tile`` x
+    ``tile`` cells that hold one, runs of neighbouring cells in a row of cells merged into one
+    window. A guided-filtered one-hot weight is exactly 0 beyond twice the filter radius from its
+    region (He et al. 2013: box filters of a zero neighbourhood), so these cover a plane's support."""
+    h, w = weight.shape
+    ty, tx = -(-h // tile), -(-w // tile)
+    padded = np.zeros((ty * tile, tx * tile), bool)
+    np.not_equal(weight, 0, out=padded[:h, :w])
+    cells = padded.reshape(ty, tile, tx, tile).any(axis=(1, 3))
+    windows = []
+    for r in range(ty):
+        row = np.concatenate([[False], cells[r], [False]])
+        edges = np.flatnonzero(row[1:] != row[:-1]).reshape(-1, 2)  # [start, stop) of each run
+        windows += [(r * tile, min((r + 1) * tile, h), a * tile, min(b * tile, w)) for a, b in edges]
+    return windows
 
 
 def select_planes(images: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:

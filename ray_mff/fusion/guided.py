@@ -10,6 +10,9 @@ Every step is a fold over the planes or works on (H, W) maps, so a lazy plane se
 (:mod:`ray_mff.planes`) is read three times (focus measure; guide; blend) and never held whole:
 peak memory is a few (H, W) maps plus one plane, whatever N. Results equal the whole-stack
 computation (bit-identical for N < 8; see :class:`ray_mff.fusion.consistency.RefinedWeights`).
+An aligned stack (:class:`ray_mff.align.AlignedPlanes`) is read so that little is resampled:
+focus is measured on the planes as read (the measure warped, its scale normalised), the guide
+and the colour planes are warped only over the tiles where a plane is chosen or weighted.
 It is Liu et al.'s post-processing with a hand-made focus measure in place of the CNN, close in
 spirit to GFDF (Qiu et al., "Guided filter-based multi-focus image fusion through focus region
 detection", Signal Processing: Image Communication 2019).
@@ -17,7 +20,7 @@ detection", Signal Processing: Image Communication 2019).
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -28,6 +31,13 @@ from ray_mff.fusion.focus_measure import FOCUS_MEASURES
 from ray_mff.fusion.luminance import luminance
 from ray_mff.fusion.result import FusionResult
 from ray_mff.planes import mapped
+
+
+#: how each focus measure scales with a plane's magnification s: as s^-p (derivative order x the
+#: power it is raised to: the Laplacian squared, 2 x 2; spatial frequency, the root of squared
+#: first differences, 1). An aligned stack measures focus on its planes as read and multiplies by
+#: s^p (ray_mff.align.AlignedPlanes.focus_maps).
+FOCUS_SCALE_POWER = {"laplacian_energy": 4.0, "sum_modified_laplacian": 4.0, "spatial_frequency": 1.0}
 
 
 def focus_index_map(
@@ -49,11 +59,17 @@ def focus_index_map(
     then keeps, swallowing small textured areas inside it.
     Keeps running best/second maxima instead of an (H, W, N) stack of focus maps.
     """
-    best = focus_measure(lums[0], window)
+    return index_from_focus_maps((focus_measure(lum, window) for lum in lums), ambiguity_ratio)
+
+
+def index_from_focus_maps(focus_maps: Iterable[np.ndarray], ambiguity_ratio: float = 1.0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`focus_index_map` from the N focus maps themselves ((H, W) float32 each, consumed once)."""
+    maps = iter(focus_maps)
+    best = np.array(next(maps), dtype=np.float32)
     second = np.zeros_like(best)
     index = np.zeros(best.shape, dtype=np.uint16)
-    for k in range(1, len(lums)):
-        fm = focus_measure(lums[k], window)
+    for k, fm in enumerate(maps, start=1):
         better = fm > best
         index[better] = k
         np.copyto(second, np.where(better, best, np.maximum(second, fm)))
@@ -118,8 +134,16 @@ def fuse_guided(
         raise ValueError(f"unknown focus measure {focus_measure!r}; choose from {sorted(FOCUS_MEASURES)}")
     t0 = time.perf_counter()
     n = len(images)
-    lums = mapped(images, luminance)  # lazy for a PlaneSequence: one luminance at a time
-    index, evidence = focus_index_map(lums, FOCUS_MEASURES[focus_measure], window, ambiguity_ratio)
+    if callable(getattr(images, "focus_maps", None)):
+        # an aligned stack (ray_mff.align.AlignedPlanes) warps what each step uses: focus measured
+        # on the planes as read, the measure resampled; the guide's luminance by region; the
+        # colour planes only where their weight is non-zero (fuse_with_weights)
+        lums = images.luminance_view()
+        maps = images.focus_maps(FOCUS_MEASURES[focus_measure], window, FOCUS_SCALE_POWER[focus_measure])
+        index, evidence = index_from_focus_maps(maps, ambiguity_ratio)
+    else:
+        lums = mapped(images, luminance)  # lazy for a PlaneSequence: one luminance at a time
+        index, evidence = focus_index_map(lums, FOCUS_MEASURES[focus_measure], window, ambiguity_ratio)
     index = relabel_small_regions(index, n, min_region_area(index.shape, area_ratio),
                                   evidence=evidence if keep_ratio else None,
                                   keep_evidence=float(np.log(keep_ratio)) if keep_ratio else 0.0)
