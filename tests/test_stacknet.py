@@ -61,9 +61,10 @@ def _assert_onnx_matches_torch(net, tmp_path, seed: int):
     rng = np.random.default_rng(seed)
     for n in (2, 4):  # one graph, any N (the export traced 3)
         stack = [(rng.random((50, 46, 3)) * 255).astype(np.uint8) for _ in range(n)]
-        a, b = StackFuser(ref).fuse(stack), StackFuser(onnx).fuse(stack)
-        assert np.abs(a.fused.astype(int) - b.fused.astype(int)).max() <= 1
-        assert np.abs(a.weights - b.weights).max() < 1e-4
+        for correction in (True, False):  # the joint graph, and the decision graph alone
+            a, b = (StackFuser(e, correction=correction).fuse(stack) for e in (ref, onnx))
+            assert np.abs(a.fused.astype(int) - b.fused.astype(int)).max() <= 1
+            assert np.abs(a.weights - b.weights).max() < 1e-4
     return onnx
 
 
@@ -82,18 +83,21 @@ def test_fuser_modes_dtypes_and_calibration(net):
     r = StackFuser(engine).fuse(grey16)
     assert r.fused.dtype == np.uint16 and r.fused.shape == (33, 41) and r.stats["calibration"] == "pair"
     stack = [(rng.random((32, 36, 3)) * 255).astype(np.uint8) for _ in range(7)]
-    joint = StackFuser(engine, calibration=False, chunk=3).fuse(stack)
-    cal = StackFuser(engine, chunk=3).fuse(stack)
+    joint = StackFuser(engine, calibration=False, chunk=3, correction=True).fuse(stack)
+    cal = StackFuser(engine, chunk=3, correction=True).fuse(stack)
     assert joint.stats["calibration"] == "joint" and cal.stats["calibration"] == "calibrated"
     for res in (joint, cal):
         assert res.fused.shape == (32, 36, 3) and res.fused.dtype == np.uint8
         assert np.allclose(res.weights.sum(axis=-1), 1.0, atol=1e-4)
     # a chunk that holds the whole stack is the joint pass itself
-    one = StackFuser(engine, chunk=8).fuse(stack)
+    one = StackFuser(engine, chunk=8, correction=True).fuse(stack)
     assert one.stats["calibration"] == "joint" and np.array_equal(one.fused, joint.fused)
-    # correction off: the fused image is the decision's blend alone (same weights, same correction map)
+    # correction off: the decision graph alone (same weights, no correction map), the fused image
+    # is the decision's blend
     plain = StackFuser(engine, calibration=False, chunk=3, correction=False).fuse(stack)
-    assert np.array_equal(plain.weights, joint.weights) and np.array_equal(plain.correction, joint.correction)
+    assert np.allclose(plain.weights, joint.weights, atol=1e-6) and plain.correction is None
+    plain_cal = StackFuser(engine, chunk=3, correction=False).fuse(stack)
+    assert np.allclose(plain_cal.weights, cal.weights, atol=1e-6) and plain_cal.correction is None
     blend = np.einsum("hwn,nhwc->hwc", plain.weights, np.stack(stack).astype(np.float32) / 255)
     assert np.abs(plain.fused.astype(np.float32) - np.clip(np.rint(blend * 255), 0, 255)).max() <= 1
     assert not plain.stats["correction"] and joint.stats["correction"]
@@ -144,11 +148,11 @@ class _ContextFreeEngine:
     def encode(self, y):
         return y
 
-    def decide_stack(self, feats, y):
+    def decide_stack(self, feats, y, fused=True):
         logit = 40.0 * y
         e = np.exp(logit - logit.max(axis=0, keepdims=True))
         w = e / e.sum(axis=0, keepdims=True)
-        return logit, w, (w * y).sum(axis=0, keepdims=True)
+        return logit, w, (w * y).sum(axis=0, keepdims=True) if fused else None
 
 
 def test_calibrated_chunks_reproduce_the_joint_softmax():
@@ -162,6 +166,30 @@ def test_calibrated_chunks_reproduce_the_joint_softmax():
     assert np.abs(joint.fused - cal.fused).max() < 1e-4
 
 
+def test_deep_stacks_stream_without_the_full_weights(monkeypatch):
+    """Past FULL_WEIGHTS_MAX_BYTES the fuser keeps no (H, W, N) weights: the streaming softmax
+    gives the same fused image and the index map (first maximum on ties, as np.argmax), and
+    sources whose weight is negligible in a whole cell are never read there."""
+    from ray_mff.fusion import decision
+    from ray_mff.fusion.stack_fuser import StackFuser
+
+    rng = np.random.default_rng(3)
+    # 12 planes, each the sharp (bright) one over its own band of rows: most cells hold one winner
+    base = rng.random((256, 200)).astype(np.float32) * 0.2
+    stack = []
+    for k in range(12):
+        img = base.copy()
+        img[k * 20:(k + 1) * 20 + 4] += 0.6
+        stack.append(img)
+    full = StackFuser(_ContextFreeEngine(), chunk=4).fuse(stack)
+    monkeypatch.setattr(decision, "FULL_WEIGHTS_MAX_BYTES", 0)
+    deep = StackFuser(_ContextFreeEngine(), chunk=4).fuse(stack)
+    assert full.weights is not None and deep.weights is None
+    assert np.array_equal(deep.index_map, np.argmax(full.weights, axis=-1))
+    exact = np.einsum("hwn,nhw->hw", full.weights, np.stack(stack))
+    assert np.abs(deep.fused - exact).max() < 1e-4 and np.abs(full.fused - exact).max() < 1e-4
+
+
 def test_tiled_equals_untiled_with_the_correction():
     """TiledFuser blends the fused-result correction like a weight channel (the network's own
     locality is tested above: a crop equals the whole image). The fake engine's correction is
@@ -170,13 +198,13 @@ def test_tiled_equals_untiled_with_the_correction():
     from ray_mff.tiling import TiledFuser
 
     class CorrectingEngine(_ContextFreeEngine):
-        def decide_stack(self, feats, y):
-            logit, w, fused = super().decide_stack(feats, y)
-            return logit, w, fused + 0.05 * np.sin(10.0 * fused)
+        def decide_stack(self, feats, y, fused=True):
+            logit, w, out = super().decide_stack(feats, y)
+            return logit, w, out + 0.05 * np.sin(10.0 * out)
 
     rng = np.random.default_rng(4)
     stack = [(rng.random((300, 260, 3)) * 255).astype(np.uint8) for _ in range(3)]
-    inner = StackFuser(CorrectingEngine())
+    inner = StackFuser(CorrectingEngine(), correction=True)
     whole = inner.fuse(stack)
     tiled = TiledFuser(inner, tile_size=128, margin=16, feather=16, align=4, untiled_max_side=128).fuse(stack)
     assert tiled.stats["tiles"] > 1
@@ -246,12 +274,13 @@ def test_variant_onnx_within_one_grey_level_and_tiled_equals_untiled(small, tmp_
     rng = np.random.default_rng(6)
     # the real network tiled: its receptive field fits a 112 px margin
     smooth = cv2_blur([(rng.random((300, 260)) * 255).astype(np.uint8) for _ in range(3)])
-    inner = StackFuser(onnx)
-    whole = inner.fuse(smooth)
-    tiled = TiledFuser(inner, tile_size=288, margin=112, feather=16, align=4, untiled_max_side=128).fuse(smooth)
-    assert tiled.stats["tiles"] > 1
-    assert np.abs(whole.fused.astype(int) - tiled.fused.astype(int)).max() <= 1
-    assert np.abs(whole.weights - tiled.weights).max() < 1e-3
+    for correction in (False, True):
+        inner = StackFuser(onnx, correction=correction)
+        whole = inner.fuse(smooth)
+        tiled = TiledFuser(inner, tile_size=288, margin=112, feather=16, align=4, untiled_max_side=128).fuse(smooth)
+        assert tiled.stats["tiles"] > 1
+        assert np.abs(whole.fused.astype(int) - tiled.fused.astype(int)).max() <= 1
+        assert np.abs(whole.weights - tiled.weights).max() < 1e-3
 
 
 def cv2_blur(images):

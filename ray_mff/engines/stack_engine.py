@@ -7,7 +7,9 @@ but its second graph sees the whole stack (or a chunk of it) at once:
   -> features ``(M, C, H/4, W/4)``, once per image (any batch of images);
 - ``decide_stack(feats, y)``: the features and luminances of the N images of one stack,
   ``(N, C, H/4, W/4)`` and ``(N, 1, H, W)`` -> ``(logits (N, 1, H, W), weights (N, 1, H, W),
-  fused (1, 1, H, W))``: per-image focus logits, their softmax over N and the fused luminance.
+  fused (1, 1, H, W))``: per-image focus logits, their softmax over N and the fused luminance;
+  ``decide_stack(feats, y, fused=False)`` -> ``(logits, weights, None)`` from the decision alone
+  (``decide.onnx``: the graph without the fused-result branch, about 60 % of the joint's cost).
 
 N is a dynamic axis of the exported joint graph, so one ONNX file serves pairs, triples and
 chunks of long stacks. Outputs are numpy float32 for both engines.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-ENCODER_FILE, JOINT_FILE = "encoder.onnx", "joint.onnx"
+ENCODER_FILE, JOINT_FILE, DECIDE_FILE = "encoder.onnx", "joint.onnx", "decide.onnx"
 OPSET = 17
 
 
@@ -49,13 +51,16 @@ class StackTorchEngine:
         with self.torch.no_grad():
             return self.model.encode(self.torch.from_numpy(np.ascontiguousarray(y)).to(self.device)).cpu().numpy()
 
-    def decide_stack(self, feats: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decide_stack(self, feats: np.ndarray, y: np.ndarray, fused: bool = True):
         t = self.torch
         with t.no_grad():
             f = t.from_numpy(np.ascontiguousarray(feats)).to(self.device)[None]
             yy = t.from_numpy(np.ascontiguousarray(y)).to(self.device)[None]
-            logit, w, fused = self.model.decide_stack(f, yy)
-        return logit[0].cpu().numpy(), w[0].cpu().numpy(), fused.cpu().numpy()
+            if not fused:
+                logit, w = self.model.decide_weights(f, yy)
+                return logit[0].cpu().numpy(), w[0].cpu().numpy(), None
+            logit, w, out = self.model.decide_stack(f, yy)
+        return logit[0].cpu().numpy(), w[0].cpu().numpy(), out.cpu().numpy()
 
     def describe(self) -> dict:
         return {"engine": "torch", "precision": "fp32", "device": self.device}
@@ -73,6 +78,11 @@ def _joint_graph(model):
             logit, w, fused = self.net.decide_stack(feats.unsqueeze(0), y.unsqueeze(0))
             return logit.squeeze(0), w.squeeze(0), fused
 
+    class DecideGraph(JointGraph):
+        def forward(self, feats, y):  # the decision alone: no fused-result branch
+            logit, w = self.net.decide_weights(feats.unsqueeze(0), y.unsqueeze(0))
+            return logit.squeeze(0), w.squeeze(0)
+
     class EncoderGraph(nn.Module):
         def __init__(self, net):
             super().__init__()
@@ -81,25 +91,26 @@ def _joint_graph(model):
         def forward(self, y):
             return self.net.encode(y)
 
-    return EncoderGraph(model), JointGraph(model)
+    return EncoderGraph(model), JointGraph(model), DecideGraph(model)
 
 
 def export_stack_model(model, out_dir: str | os.PathLike, opset: int = OPSET) -> tuple[Path, Path]:
-    """Write ``encoder.onnx`` and ``joint.onnx`` (dynamic batch / stack size and image size) and
-    ``meta.json`` (stride, channels) into ``out_dir``; returns the two graph paths."""
+    """Write ``encoder.onnx``, ``joint.onnx`` and ``decide.onnx`` (dynamic batch / stack size and
+    image size) and ``meta.json`` (stride, channels) into ``out_dir``; returns the encoder's and
+    the joint graph's paths (``decide.onnx`` lies beside them)."""
     import torch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    enc, joint = _joint_graph(model)
+    enc, joint, decide = _joint_graph(model)
     s = max(1, int(getattr(model, "stride", 1)))
     y = torch.rand(3, 1, -(-67 // s) * s, -(-45 // s) * s)  # unequal sizes: nothing specialised to a constant
     with torch.no_grad():
         feats = model.encode(y)
     img = {0: "n", 2: "height", 3: "width"}
     fea = {0: "n", 2: "feat_height", 3: "feat_width"}
-    tmp_enc, tmp_joint = out / f".{ENCODER_FILE}.tmp", out / f".{JOINT_FILE}.tmp"
+    tmp_enc, tmp_joint, tmp_decide = (out / f".{name}.tmp" for name in (ENCODER_FILE, JOINT_FILE, DECIDE_FILE))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice (as ray_mff.export)
         torch.onnx.export(enc, (y,), str(tmp_enc), dynamo=False, opset_version=opset, input_names=["y"],
@@ -108,6 +119,10 @@ def export_stack_model(model, out_dir: str | os.PathLike, opset: int = OPSET) ->
                           input_names=["feats", "y"], output_names=["logits", "weights", "fused"],
                           dynamic_axes={"feats": fea, "y": img, "logits": img, "weights": img,
                                         "fused": {2: "height", 3: "width"}})
+        torch.onnx.export(decide, (feats, y), str(tmp_decide), dynamo=False, opset_version=opset,
+                          input_names=["feats", "y"], output_names=["logits", "weights"],
+                          dynamic_axes={"feats": fea, "y": img, "logits": img, "weights": img})
+    os.replace(tmp_decide, out / DECIDE_FILE)
     os.replace(tmp_enc, out / ENCODER_FILE)
     os.replace(tmp_joint, out / JOINT_FILE)
     (out / "meta.json").write_text(json.dumps({"stride": s, "channels": int(feats.shape[1]),
@@ -124,7 +139,7 @@ def cached_stack_onnx(model, root: str | os.PathLike | None = None) -> tuple[Pat
     sha = state_sha(model)[:16]
     folder = Path(root or cache_root()) / f"{getattr(model, 'registry_name', 'model')}-stack-{sha}"
     with file_lock(folder.with_name(folder.name + ".lock")):
-        if not ((folder / ENCODER_FILE).is_file() and (folder / JOINT_FILE).is_file()):
+        if not all((folder / name).is_file() for name in (ENCODER_FILE, JOINT_FILE, DECIDE_FILE)):
             export_stack_model(model, folder)
     return folder / ENCODER_FILE, folder / JOINT_FILE
 
@@ -133,43 +148,57 @@ def cached_stack_onnx(model, root: str | os.PathLike | None = None) -> tuple[Pat
 #: memory arena, larger ones without (the arena keeps a call's peak working set for the next).
 #: 520 x 520, 2 threads, loaded machine: a pair 76 + 95 ms (encode + joint) with the arena,
 #: 72-95 + 151-190 ms without; a 4-image stack 153-170 + 233-248 ms with, 241-272 + 581-598 without.
-ARENA_PIXELS = 1 << 22
+#: A chunk of 4 stack_v4 images (1600 x 1200, 7.7 M pixels), stacknet_s, 2026-12-01: joint graph
+#: 0.34 s with the arena, 0.65 s without; the decision graph 0.21 s / 0.36 s. So the limit covers
+#: :data:`ray_mff.fusion.stack_fuser.CHUNK_PIXELS`: a calibrated long stack runs every chunk in it
+#: (the arena then holds about one chunk's working set, a few hundred MB, between stacks).
+ARENA_PIXELS = 1 << 24
 
 
 class StackOnnxEngine:
-    """ONNX Runtime (CPU provider) on the two exported graphs, with the session options of
+    """ONNX Runtime (CPU provider) on the exported graphs, with the session options of
     :func:`ray_mff.engines.onnx_engine.session_options`; two sessions per graph, with and without
-    the memory arena (:data:`ARENA_PIXELS`)."""
+    the memory arena (:data:`ARENA_PIXELS`), each made on first use. ``decide.onnx`` is looked
+    for beside ``joint``; without it ``fused=False`` runs the joint graph and drops its third output."""
 
     precision = "fp32"
 
     def __init__(self, encoder: str | os.PathLike, joint: str | os.PathLike, *, threads: int | None = None):
-        import onnxruntime as ort
-
         from ray_mff.engines.onnx_engine import session_options
 
-        def sessions(path):
-            return {arena: ort.InferenceSession(str(path), session_options(threads, arena=arena),
-                                                providers=["CPUExecutionProvider"]) for arena in (True, False)}
-
-        self._encoder, self._joint = sessions(encoder), sessions(joint)
+        self._options = session_options
+        self._threads = threads
+        decide = Path(joint).with_name(DECIDE_FILE)
+        self._paths = {"encoder": Path(encoder), "joint": Path(joint), "decide": decide if decide.is_file() else None}
+        self._sessions: dict[tuple[str, bool], object] = {}
         self._arena_pixels = ARENA_PIXELS
-        self.encoder = self._encoder[False]
+        self.encoder = self._session("encoder", False)
         meta = Path(encoder).with_name("meta.json")
         info = json.loads(meta.read_text()) if meta.is_file() else {}
         self.stride = int(info.get("stride", 1))
         self.model_name = info.get("model")
         self.name, self.device = "onnxruntime-cpu", "cpu"
 
+    def _session(self, graph: str, arena: bool):
+        key = (graph, arena)
+        if key not in self._sessions:
+            import onnxruntime as ort
+
+            self._sessions[key] = ort.InferenceSession(str(self._paths[graph]),
+                                                       self._options(self._threads, arena=arena),
+                                                       providers=["CPUExecutionProvider"])
+        return self._sessions[key]
+
     def encode(self, y: np.ndarray) -> np.ndarray:
-        session = self._encoder[y.size <= self._arena_pixels]
+        session = self._session("encoder", y.size <= self._arena_pixels)
         return session.run(None, {"y": np.ascontiguousarray(y, dtype=np.float32)})[0]
 
-    def decide_stack(self, feats: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        session = self._joint[y.size <= self._arena_pixels]
-        logit, w, fused = session.run(None, {"feats": np.ascontiguousarray(feats, dtype=np.float32),
-                                             "y": np.ascontiguousarray(y, dtype=np.float32)})
-        return logit, w, fused
+    def decide_stack(self, feats: np.ndarray, y: np.ndarray, fused: bool = True):
+        graph = "joint" if fused or self._paths["decide"] is None else "decide"
+        session = self._session(graph, y.size <= self._arena_pixels)
+        out = session.run(None, {"feats": np.ascontiguousarray(feats, dtype=np.float32),
+                                 "y": np.ascontiguousarray(y, dtype=np.float32)})
+        return out[0], out[1], (out[2] if fused else None)
 
     @contextlib.contextmanager
     def without_arena(self):
