@@ -89,6 +89,10 @@ def add_fuse_options(p: argparse.ArgumentParser) -> None:
                         "or an s3:// URI (fetched once per node); default: the weights shipped in the package")
     p.add_argument("--calibration", default="on", choices=["on", "off"],
                    help="stacks of >2 images: decision calibration (on) or serial pair-by-pair fusion (off)")
+    p.add_argument("--correction", default="off", choices=["on", "off"],
+                   help="stack-native models (stacknet, stacknet_s): add the fused-result branch's boundary "
+                        "correction (on) or fuse with the decision alone (off, faster; scores higher with the "
+                        "shipped weights: see the model card)")
     p.add_argument("--pattern", default=None,
                    help="regex with named groups 'stack' and 'index' matching file names in a flat folder")
     p.add_argument("--tile-size", type=int, default=None,
@@ -165,7 +169,21 @@ def fuser_spec_from_args(args) -> dict:
         spec["tile_size"] = args.tile_size
     if getattr(args, "weights", None):
         spec["weights"] = args.weights
+    if getattr(args, "correction", "off") == "on":  # only when on: the recipes of earlier runs stay as they were
+        spec["correction"] = True
     return spec
+
+
+def check_correction(spec: dict) -> None:
+    """Setup check: ``--correction on`` needs a stack-native model (one with a fused-result branch)."""
+    if not spec.get("correction"):
+        return
+    from ray_mff.methods import CLASSICAL_METHODS
+    from ray_mff.models import build_model
+
+    if spec["name"] in CLASSICAL_METHODS or not hasattr(build_model(spec["name"]), "decide_stack"):
+        raise SetupError(f"--correction on: method {spec['name']!r} has no fused-result branch "
+                         "(stack-native models only: stacknet, stacknet_s)")
 
 
 def check_weights(spec: dict) -> None:
@@ -277,6 +295,7 @@ def run_fuse(args):
     storage.probe(args.output, write=True)  # after discovery: a new OUTPUT inside INPUT is no empty stack
     spec = fuser_spec_from_args(args)
     check_weights(spec)
+    check_correction(spec)
     opts = run_options_from_args(args)
     opts.recipe_id = recipe_id(spec, opts)
     executor, why = args.executor, "asked for"
