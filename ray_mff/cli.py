@@ -419,8 +419,15 @@ def cmd_eval(args) -> int:
 
 
 def _index_by_stem(uris: Sequence[str]) -> dict[str, str]:
+    """Image files by name stem. A fused folder's own images win over same-named files below it,
+    and ``decision_maps/`` (written by ``fuse --save-decision-maps`` under the same stems) is
+    never taken for the fused images."""
+    from ray_mff.sinks import DECISION_MAP_DIR
+
     out = {}
-    for uri in uris:
+    for uri in sorted(uris, key=lambda u: u.count("/")):
+        if f"/{DECISION_MAP_DIR}/" in uri or uri.startswith(f"{DECISION_MAP_DIR}/"):
+            continue
         name = uri.rsplit("/", 1)[-1]
         stem, dot, ext = name.rpartition(".")
         if dot and ext.lower() in ("png", "tif", "tiff", "jpg", "jpeg"):
@@ -515,8 +522,11 @@ def cmd_export(args) -> int:
     from pathlib import Path
 
     from ray_mff.export import export_onnx
+    from ray_mff.models import build_model
 
     out = Path(args.out)
+    if hasattr(build_model(args.model), "decide_stack"):
+        return _export_stack(args, out)
     if args.export_format == "tensorrt":
         # fail before any work if TensorRT cannot run here: one clear line, exit 2 (main)
         from ray_mff.engines.choice import require_tensorrt
@@ -533,6 +543,31 @@ def cmd_export(args) -> int:
         return 0
     res = export_onnx(args.model, out, args.precision, args.weights, opset=args.opset, verify=not args.no_verify)
     _print_export(args.model, res)
+    return 0
+
+
+def _export_stack(args, out) -> int:
+    """A stack-native model: ``encoder.onnx``, ``joint.onnx``, ``decide.onnx`` and ``meta.json``
+    (what its ONNX Runtime engine runs), checked against torch on a random 3-image stack."""
+    import numpy as np
+
+    from ray_mff.engines.stack_engine import StackOnnxEngine, StackTorchEngine, export_stack_model
+    from ray_mff.models import get_model
+
+    if args.export_format != "onnx" or args.precision != "fp32":
+        raise SetupError(f"{args.model} is stack-native: exported as fp32 ONNX only for now "
+                         f"(asked for {args.export_format} {args.precision})")
+    net = get_model(args.model, weights=None if args.weights in (None, "none") else args.weights)
+    encoder, joint = export_stack_model(net, out)
+    print(f"{args.model} (fp32, stack-native) -> {encoder}, {joint}, {joint.with_name('decide.onnx')}")
+    if not args.no_verify:
+        y = np.random.default_rng(0).random((3, 1, 96, 128), dtype=np.float32)
+        onnx, ref = StackOnnxEngine(encoder, joint, threads=1), StackTorchEngine(net, device="cpu")
+        for fused in (True, False):
+            a = onnx.decide_stack(onnx.encode(y), y, fused=fused)
+            b = ref.decide_stack(ref.encode(y), y, fused=fused)
+            print(f"verify {'joint ' if fused else 'decide'} 3x96x128: weights max|onnx-torch| "
+                  f"{float(np.abs(a[1] - b[1]).max()):.3g}")
     return 0
 
 

@@ -125,6 +125,17 @@ def test_eval_prints_table_and_json(archive: Path, tmp_path: Path, capsys):
     assert report["mean"]["q_y"] > 0.5
     cli.main(["eval", str(archive), str(out)])
     assert "MEAN" in capsys.readouterr().out
+    # decision maps share the fused images' stems (decision_maps/<stack>.png): eval must not score them
+    means = []
+    for name, extra in (("plain", []), ("maps", ["--save-decision-maps"])):
+        cli.main(["fuse", str(archive), str(tmp_path / name), "--method", "guided", "--executor", "local",
+                  "--no-metrics", *extra])
+        capsys.readouterr()
+        assert cli.main(["eval", str(archive), str(tmp_path / name), "--json"]) == 0
+        means.append(json.loads(capsys.readouterr().out)["mean"])
+    assert any((tmp_path / "maps" / "decision_maps").iterdir())
+    assert {k: v for k, v in means[1].items() if k != "stack_id"} == pytest.approx(
+        {k: v for k, v in means[0].items() if k != "stack_id"}, rel=1e-9)
 
 
 def test_python_api_matches_cli(tmp_path: Path):
