@@ -217,21 +217,34 @@ class StackOnnxEngine:
 def make_stack_engine(model="stacknet", *, engine: str = "auto", weights="default", threads: int | None = None):
     """A stack engine for a registered stack-native model (name, or a built module).
 
-    engine: ``"torch"``, ``"onnx"`` or ``"auto"`` (ONNX Runtime when it imports, else torch).
+    engine: ``"torch"``, ``"onnx"`` or ``"auto"``: torch on CUDA when a GPU is visible (TensorRT
+    plans for stack-native models are not built yet), else ONNX Runtime on CPU when it imports,
+    else torch on CPU.
     weights: as :func:`ray_mff.models.get_model` (``"default"``, a path, or None for random init).
     """
+    import logging
+
+    import torch
+
     from ray_mff.models import get_model
 
     net = get_model(model, weights=weights) if isinstance(model, str) else model.eval()
+    device = "cpu"
     if engine == "auto":
-        try:
-            import onnxruntime  # noqa: F401
+        if torch.cuda.is_available():
+            engine, device, why = "torch", "cuda", "a CUDA device is visible"
+        else:
+            try:
+                import onnxruntime  # noqa: F401
 
-            engine = "onnx"
-        except ImportError:
-            engine = "torch"
+                engine, why = "onnx", "no CUDA device; ONNX Runtime on CPU"
+            except ImportError:
+                engine, why = "torch", "no CUDA device and no ONNX Runtime"
+        logging.getLogger("ray_mff.engines").info("stack engine: %s on %s (%s)", engine, device, why)
+    elif engine == "torch" and torch.cuda.is_available():
+        device = "cuda"
     if engine == "torch":
-        return StackTorchEngine(net)
+        return StackTorchEngine(net, device=device)
     if engine == "onnx":
         return StackOnnxEngine(*cached_stack_onnx(net), threads=threads)
     from ray_mff.errors import EngineUnavailableError
