@@ -3,9 +3,10 @@
 A fuser is any object with ``name`` and ``fuse(images) -> FusionResult``. Two families:
 
 - classical (``guided``, ``dwt``): plain array code in :mod:`ray_mff.fusion`, no weights;
-- learned (``cascade`` — the default — and the other registered models): a network from
+- learned (``stacknet_s`` — the default — and the other registered models): a network from
   :mod:`ray_mff.models` run by an engine (:mod:`ray_mff.engines`), driven by
-  :class:`ray_mff.fusion.model_fuser.ModelFuser`.
+  :class:`ray_mff.fusion.stack_fuser.StackFuser` for stack-native models (one joint pass over
+  the stack) or :class:`ray_mff.fusion.model_fuser.ModelFuser` for pair models (``cascade``...).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from ray_mff.fusion.result import FusionResult
 
-DEFAULT_METHOD = "cascade"
+DEFAULT_METHOD = "stacknet_s"
 CLASSICAL_METHODS = ("guided", "dwt")
 
 

@@ -119,10 +119,27 @@ def test_cli_export_tensorrt_without_tensorrt_is_one_line_exit_2(tmp_path, capsy
         pass
     from ray_mff.cli import main
 
-    code = main(["export", "--format", "tensorrt", "--weights", "none", "--out", str(tmp_path / "t")])
+    code = main(["export", "--model", "cascade", "--format", "tensorrt", "--weights", "none", "--out", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("ray-mff: tensorrt:") and "not installed" in err[0]
+
+
+def test_cli_exports_the_default_stack_native_model(tmp_path, capsys):
+    """The default model is stack-native: its three graphs (encoder, joint, decision alone),
+    checked against torch; TensorRT or fp16 for it is a one-line setup error, not a traceback."""
+    pytest.importorskip("onnxruntime")
+    from ray_mff.cli import main
+    from ray_mff.models import DEFAULT_MODEL
+
+    assert main(["export", "--weights", "none", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "s").iterdir()} == {"encoder.onnx", "joint.onnx", "decide.onnx", "meta.json"}
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("verify")]
+    assert out.startswith(DEFAULT_MODEL) and len(diffs) == 2 and max(diffs) < 1e-4
+    assert main(["export", "--precision", "fp16", "--weights", "none", "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stack-native" in err[0]
 
 
 @pytest.mark.parametrize("name", ["cnn", "mscnn", "ssim"])

@@ -29,7 +29,7 @@ __all__ = ["register_model", "get_model", "list_models", "save_weights", "load_w
            "read_metadata", "default_weights_path", "DEFAULT_MODEL"]
 
 #: the model ``ray-mff fuse`` uses when none is named.
-DEFAULT_MODEL = "cascade"
+DEFAULT_MODEL = "stacknet_s"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
