@@ -41,6 +41,15 @@ class Objective:
     name: str
     make_batch: Callable[..., dict]
     loss: Callable[..., dict]
+    #: the loss terms whose weights ``cfg["loss_weights"]`` may set (``--loss-weights``); none: fixed
+    loss_terms: tuple[str, ...] = ()
+
+    def check_loss_weights(self, weights: dict | None) -> None:
+        """Raise ValueError naming the terms of ``weights`` this objective does not have."""
+        unknown = sorted(set(weights or {}) - set(self.loss_terms))
+        if unknown:
+            known = ", ".join(self.loss_terms) or "none (this objective's loss has fixed weights)"
+            raise ValueError(f"objective {self.name!r} has no loss term {', '.join(unknown)}; known: {known}")
 
 
 # --------------------------------------------------------------------------- synthetic focus pairs
@@ -172,16 +181,18 @@ def _patch_classification_loss(model, batch: dict, cfg: dict) -> dict:
 
 
 def _synthetic_stacks(images: Sequence[np.ndarray], rng: np.random.Generator, cfg: dict) -> dict:
-    from ray_mff.train.synthetic_stacks import make_batch
+    from ray_mff.train.synthetic_stacks import PHOTONS, READ_NOISE, make_batch
 
-    return make_batch(images, rng, int(cfg["patch"]))
+    return make_batch(images, rng, int(cfg["patch"]), photons=tuple(cfg.get("photons") or PHOTONS),
+                      read_noise=READ_NOISE if cfg.get("read_noise") is None else float(cfg["read_noise"]))
 
 
 def _stack_truth_loss(model, batch: dict, cfg: dict) -> dict:
     from ray_mff.train.losses import stack_truth_loss
 
     weights, fused = model(batch["stack"])
-    return stack_truth_loss(weights, fused, batch["stack"], batch["truth"], batch["depth"])
+    terms = {f"{k}_weight": v for k, v in (cfg.get("loss_weights") or {}).items()}
+    return stack_truth_loss(weights, fused, batch["stack"], batch["truth"], batch["depth"], **terms)
 
 
 # --------------------------------------------------------------------------- registry
@@ -191,7 +202,8 @@ OBJECTIVES: dict[str, Objective] = {
     "ssim_select": Objective("ssim_select", _variable_size_pairs, _ssim_select_loss),
     "ssim_multiscale": Objective("ssim_multiscale", _variable_size_pairs, _ssim_multiscale_loss),
     "patch_classification": Objective("patch_classification", _patch_pairs, _patch_classification_loss),
-    "stack_truth": Objective("stack_truth", _synthetic_stacks, _stack_truth_loss),
+    "stack_truth": Objective("stack_truth", _synthetic_stacks, _stack_truth_loss,
+                             loss_terms=("fused", "blend", "grad", "dice", "mse")),
 }
 
 

@@ -17,7 +17,8 @@ per sample from one seeded generator:
   half the samples; the truth stays in the reference geometry;
 - **Poisson-Gaussian sensor noise** (Foi et al., "Practical Poissonian-Gaussian noise modeling
   and fitting for single-image raw-data", IEEE TIP 2008): photon counts of 100-10000 at full
-  scale plus read noise up to 0.01, then 8-bit quantisation;
+  scale plus read noise up to 0.01 (both ranges are options: `make_stack(photons=, read_noise=)`,
+  `--photons`, `--read-noise`), then 8-bit quantisation;
 - **JPEG artefacts** (quality 50-95) in 30 % of the samples;
 - random rescale (0.6-1x), crop, flips and transposes of the source picture.
 
@@ -79,8 +80,15 @@ def _sensor(x: np.ndarray, rng: np.random.Generator, photons: float, read: float
     return q.astype(np.float32) / 255.0
 
 
-def make_stack(image: np.ndarray, rng: np.random.Generator, patch: int = 112, n: int = 4) -> dict[str, np.ndarray]:
+#: default sensor noise: photon counts at full scale (drawn log-uniformly) and the largest read noise
+PHOTONS = (100.0, 10000.0)
+READ_NOISE = 0.01
+
+
+def make_stack(image: np.ndarray, rng: np.random.Generator, patch: int = 112, n: int = 4,
+               photons: tuple[float, float] = PHOTONS, read_noise: float = READ_NOISE) -> dict[str, np.ndarray]:
     """One training focus sweep from an all-in-focus picture (see the module docstring).
+    ``photons`` (lo, hi) and ``read_noise`` set the range of the sensor noise.
 
     Returns ``stack`` (N, 1, P, P) float32 luminances in [0, 1], ``truth`` (1, P, P) float32 and
     ``depth`` (N, P, P) float32 one-hot of the image in which each pixel's front layer is in focus.
@@ -97,18 +105,19 @@ def make_stack(image: np.ndarray, rng: np.random.Generator, patch: int = 112, n:
                                          depth_jitter=0.3 if rng.random() < 0.5 else 0.0)
     if rng.random() < 0.5:
         stack = [_misregister(s, rng) for s in stack]
-    photons = float(np.exp(rng.uniform(np.log(100.0), np.log(10000.0))))
-    read = float(rng.uniform(0.0, 0.01))
+    count = float(np.exp(rng.uniform(np.log(photons[0]), np.log(photons[1]))))
+    read = float(rng.uniform(0.0, read_noise))
     jpeg = int(rng.integers(50, 96)) if rng.random() < 0.3 else None
-    stack = [_sensor(s, rng, photons, read, jpeg) for s in stack]
+    stack = [_sensor(s, rng, count, read, jpeg) for s in stack]
     onehot = (depth[None] == np.arange(n, dtype=depth.dtype)[:, None, None]).astype(np.float32)
     return {"stack": np.stack(stack)[:, None], "truth": truth[None], "depth": onehot}
 
 
 def make_batch(images: Sequence[np.ndarray], rng: np.random.Generator, patch: int = 112,
-               n: int | None = None) -> dict[str, np.ndarray]:
+               n: int | None = None, photons: tuple[float, float] = PHOTONS,
+               read_noise: float = READ_NOISE) -> dict[str, np.ndarray]:
     """One stack per image, all of one size N (drawn from :data:`SIZES` unless given):
     ``stack`` (B, N, 1, P, P), ``truth`` (B, 1, P, P), ``depth`` (B, N, P, P)."""
     n = int(rng.choice(SIZES, p=SIZE_P)) if n is None else int(n)
-    samples = [make_stack(img, rng, patch, n) for img in images]
+    samples = [make_stack(img, rng, patch, n, photons, read_noise) for img in images]
     return {k: np.stack([s[k] for s in samples]) for k in ("stack", "truth", "depth")}

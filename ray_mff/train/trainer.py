@@ -70,6 +70,10 @@ DEFAULTS: dict[str, Any] = {
     "resume_file": None,  # one-file training state (ray_mff.train.resume_file): read to resume, rewritten at checkpoints
     "log_csv": None,  # append every report's metrics to this CSV (rank 0)
     "data_workers": None,  # DataLoader processes making batches per training worker (None: 2 on GPU, else CPUs - 1)
+    "train_only": None,  # parameter-name prefixes to train (e.g. ["fused_net"]); every other parameter frozen
+    "loss_weights": None,  # {term: weight} for the objective's loss (e.g. {"grad": 0.0}); None: its defaults
+    "photons": None,  # stack_truth data: (lo, hi) photon counts at full scale; None: synthetic_stacks.PHOTONS
+    "read_noise": None,  # stack_truth data: largest read noise; None: synthetic_stacks.READ_NOISE
 }
 
 
@@ -151,6 +155,22 @@ def _append_csv(path: str, metrics: dict) -> None:
         w.writerow({k: metrics.get(k, "") for k in columns})
 
 
+def freeze_except(model, prefixes: Sequence[str] | None) -> tuple[int, int]:
+    """Freeze (``requires_grad = False``) every parameter whose name starts with none of
+    ``prefixes`` (``None`` or empty: train everything) -> (trainable, total) parameter counts.
+    Raises ValueError when a prefix matches no parameter (a typo would otherwise train nothing)."""
+    named = list(model.named_parameters())
+    if prefixes:
+        for p in prefixes:
+            if not any(n.startswith(p) for n, _ in named):
+                raise ValueError(f"--train-only {p!r} matches no parameter of {type(model).__name__}; "
+                                 f"top-level modules: {', '.join(sorted({n.split('.')[0] for n, _ in named}))}")
+        for n, t in named:
+            t.requires_grad_(any(n.startswith(p) for p in prefixes))
+    trainable = sum(t.numel() for _, t in named if t.requires_grad)
+    return trainable, sum(t.numel() for _, t in named)
+
+
 def _state_to_cpu(model) -> dict:
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
 
@@ -178,6 +198,11 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.get("init_weights"):
         load_weights(cfg["init_weights"], net)
     objective = objective_for(net)  # the model's training data and loss (ray_mff.train.objectives)
+    objective.check_loss_weights(cfg.get("loss_weights"))
+    trainable, total = freeze_except(net, cfg.get("train_only"))
+    if rank == 0:
+        print(f"[train] {trainable:,} of {total:,} parameters trainable"
+              + (f" (--train-only {','.join(cfg['train_only'])})" if cfg.get("train_only") else ""), flush=True)
     device = ray.train.torch.get_device()
 
     start_step, best_val, best_state, wall_before = 0, math.inf, None, 0.0
@@ -206,7 +231,9 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] resuming from {cfg['resume_file']} at step {start_step}", flush=True)
 
     model = ray.train.torch.prepare_model(net)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # frozen parameters get no gradient, no optimiser state and no weight decay: they stay as loaded
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     val = _validation_set(cfg, objective) if rank == 0 else None
@@ -234,7 +261,7 @@ def train_loop_per_worker(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
             opt.step()
             step += 1
             for k, v in terms.items():
@@ -308,6 +335,7 @@ def run_training(config: dict) -> dict:
     from ray_mff.train.synthetic_pairs import list_images
 
     cfg = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None or k in ("export",)}}
+    _check_model_options(cfg)  # a typo in --train-only or --loss-weights fails here, not in a worker
     if cfg.get("init_weights") and "://" not in str(cfg["init_weights"]):
         # workers run in their own working directory: hand them an absolute path
         cfg["init_weights"] = os.path.abspath(cfg["init_weights"])
@@ -343,6 +371,15 @@ def run_training(config: dict) -> dict:
     return out
 
 
+def _check_model_options(cfg: dict) -> None:
+    from ray_mff.models import build_model
+    from ray_mff.train.objectives import objective_for
+
+    net = build_model(cfg["model"], **cfg["model_config"])
+    objective_for(net).check_loss_weights(cfg.get("loss_weights"))
+    freeze_except(net, cfg.get("train_only"))
+
+
 def export_best(checkpoint, cfg: dict, metrics: dict) -> str:
     """Write the checkpoint's best weights as the shipped safetensors format; returns the uri."""
     from safetensors.torch import load_file
@@ -363,6 +400,11 @@ def export_best(checkpoint, cfg: dict, metrics: dict) -> str:
         "num_workers": cfg["num_workers"],
         "lr": cfg["lr"],
         "qg_weight": cfg["qg_weight"],
+        "init_weights": cfg.get("init_weights"),
+        "train_only": cfg.get("train_only"),
+        "loss_weights": cfg.get("loss_weights"),
+        "photons": cfg.get("photons"),
+        "read_noise": cfg.get("read_noise"),
         "seed": cfg["seed"],
         "best_val_loss": metrics.get("best_val"),
         "final_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
@@ -419,7 +461,49 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "every checkpoint (copy it anywhere to carry a run across machines)")
     parser.add_argument("--log-csv", default=None, help="append every report's losses to this CSV")
     parser.add_argument("--warmup-steps", type=int, default=d["warmup_steps"])
+    parser.add_argument("--train-only", type=_prefixes, default=None, metavar="PREFIX[,PREFIX]",
+                        help="train only the parameters whose names start with one of these prefixes (e.g. "
+                             "fused_net: fine-tune stacknet's fused-result branch on a frozen decision)")
+    parser.add_argument("--loss-weights", type=parse_loss_weights, default=None, metavar="TERM=W[,TERM=W]",
+                        help="weights of the objective's loss terms, the others keep their defaults (stack_truth: "
+                             "fused, blend, grad, dice, mse; e.g. fused=0,blend=0,grad=0,dice=0,mse=1)")
+    parser.add_argument("--photons", type=_photons, default=None, metavar="LO,HI",
+                        help="stack_truth data: photon counts at full scale of the Poisson noise, drawn "
+                             "log-uniformly (default 100,10000; fewer photons, more noise)")
+    parser.add_argument("--read-noise", type=float, default=None,
+                        help="stack_truth data: largest Gaussian read noise (default 0.01 of full scale)")
     return parser
+
+
+def _photons(text: str) -> list[float]:
+    try:
+        lo, hi = (float(t) for t in text.split(","))
+        if not 0 < lo <= hi:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI with 0 < LO <= HI") from None
+    return [lo, hi]
+
+
+def _prefixes(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError("expected PREFIX[,PREFIX...]")
+    return out
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """``"fused=1,grad=0"`` -> ``{"fused": 1.0, "grad": 0.0}`` (argparse type: a bad item is a usage error)."""
+    out: dict[str, float] = {}
+    for item in (t.strip() for t in text.split(",")):
+        name, eq, value = item.partition("=")
+        try:
+            if not (eq and name.strip()):
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected TERM=WEIGHT (e.g. grad=0)") from None
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -435,6 +519,8 @@ def config_from_args(args: argparse.Namespace) -> dict:
         "torch_threads": args.torch_threads, "resume_file": _abs(args.resume_file), "log_csv": _abs(args.log_csv),
         "warmup_steps": args.warmup_steps,
         "data_workers": args.data_workers,
+        "train_only": args.train_only, "loss_weights": args.loss_weights,
+        "photons": args.photons, "read_noise": args.read_noise,
     }
 
 
