@@ -66,7 +66,8 @@ def test_train_checkpoints_locally_resumes_and_exports(ray_session, image_folder
     assert net.config()["features"] == 8
 
 
-def test_train_checkpoints_to_s3(s3_server, s3_bucket, ray_session, image_folder, tmp_path):
+def test_train_checkpoints_to_s3(ray_s3, s3_bucket, image_folder, tmp_path):
+    s3_server = ray_s3  # Ray workers that see the dummy credentials, whichever test started Ray
     import boto3
 
     from ray_mff.train.trainer import run_training
