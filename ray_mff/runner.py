@@ -753,7 +753,7 @@ def mark_over_budget(stacks: list[Stack], budget: int) -> list[Stack]:
 
 
 def run_local(
-    stacks: list[Stack],
+    stacks: "list[Stack] | pa.Table",
     fuser,
     output_root: str,
     opts: RunOptions,
@@ -762,7 +762,8 @@ def run_local(
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> RunSummary:
-    """Fuse ``stacks`` one after another in this process (no Ray), flushing the manifest as it goes
+    """Fuse ``stacks`` (a list, or a listing table: :func:`ray_mff.stacks.discover_listing`; see
+    :func:`plan_stacks`) one after another in this process (no Ray), flushing the manifest as it goes
     (every ``opts.flush_every`` rows or ``opts.flush_seconds``). ``fuser`` is a fuser or a
     zero-argument factory of one (called only when something is to do). Stops early, flushing first, on
     SIGTERM/SIGINT (:data:`STOP`) or when a storage error turns out to be the storage gone."""
