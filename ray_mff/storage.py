@@ -205,7 +205,7 @@ def iter_folders(root: str, *, s3_endpoint: str | None = None) -> Iterator[tuple
     What is held at once is the files of the folders on the path being listed, not the archive's
     listing (fsspec's ``find(detail=True)`` builds a dict of every entry first):
 
-    - local: ``os.scandir`` depth first, one ``lstat`` per file (fsspec's own ``info`` of the entry);
+    - local: ``os.scandir`` depth first, one ``lstat`` per file (the size and mtime fsspec's ``info`` gives);
     - S3: one flat ``ListObjectsV2`` page at a time (1000 keys a request, as ``find``): keys come in
       UTF-8 order, so everything under a folder is contiguous and the folder is complete once the
       keys leave its prefix;
@@ -215,8 +215,8 @@ def iter_folders(root: str, *, s3_endpoint: str | None = None) -> Iterator[tuple
     if is_remote(root):
         _forget_listings(fs, path)  # listings are taken once per job: always fresh
     if isinstance(fs, LocalFileSystem):
-        items = _local_entries(root, fs, path)
-    elif protocol(root) in _S3_PROTOCOLS and hasattr(fs, "call_s3"):
+        return _local_folders(os.fspath(root), path)
+    if protocol(root) in _S3_PROTOCOLS and hasattr(fs, "call_s3"):
         items = _s3_entries(root, fs, path)
     else:
         files, dirs = walk(root, s3_endpoint=s3_endpoint)
@@ -243,29 +243,50 @@ def _by_folder(items) -> Iterator[tuple[str, list[FileEntry]]]:
         yield open_.pop()
 
 
-def _local_entries(root: str, fs: LocalFileSystem, path: str):
-    """Depth first: a folder's path, then its files and sub-folders (each sub-folder's contents at once)."""
+def _local_folders(root: str, path: str) -> Iterator[tuple[str, list[FileEntry]]]:
+    """Depth first with ``os.scandir``: a folder's ``(relative path, files)`` after its sub-folders'.
+    Held: the open folders' files and ``scandir`` iterators, one per level."""
+    join = join_uri if "://" in root else os.path.join  # as join_uri(root, *parts) spells them
 
-    def visit(folder: str, sub: str):
+    def visit(folder: str, rel: str, uri: str):
+        files = []
         try:
             it = os.scandir(folder)
         except (FileNotFoundError, NotADirectoryError):  # gone since its parent was listed
-            return
-        with it:
-            for e in it:
-                rel = sub + e.name
-                if e.is_dir(follow_symlinks=False):  # what fsspec calls a directory
-                    yield rel
-                    yield from visit(e.path, rel + "/")
-                    continue
-                try:
-                    info = fs.info(e)  # fsspec's own lstat-based info: the same size and version as walk()
-                except FileNotFoundError:
-                    continue
-                yield FileEntry(join_uri(root, *rel.split("/")), rel, info.get("size"), _version(info))
+            it = None
+        if it is not None:
+            with it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):  # what fsspec calls a directory
+                        sub = f"{rel}/{e.name}" if rel else e.name
+                        yield from visit(e.path, sub, join(uri, e.name))
+                        continue
+                    try:
+                        size, version = _local_size_version(e)
+                    except FileNotFoundError:
+                        continue
+                    files.append(FileEntry(join(uri, e.name), f"{rel}/{e.name}" if rel else e.name,
+                                           size, version))
+        yield rel, files
 
     if os.path.isdir(path):
-        yield from visit(path, "")
+        yield from visit(path, "", root)
+    else:
+        yield "", []
+
+
+def _local_size_version(entry: os.DirEntry) -> tuple[int, str | None]:
+    """Size and version of a scandir entry exactly as :func:`walk` gets them through fsspec's
+    ``LocalFileSystem.info`` (``lstat``; a symlink's size is its target's, its mtime its own), without
+    building fsspec's info dict per file."""
+    st = entry.stat(follow_symlinks=False)
+    size = st.st_size
+    if entry.is_symlink():
+        try:
+            size = entry.stat(follow_symlinks=True).st_size
+        except OSError:
+            size = 0
+    return size, _version({"mtime": st.st_mtime})
 
 
 def _s3_entries(root: str, fs, path: str):

@@ -380,6 +380,22 @@ def test_streamed_listing_equals_the_list(tmp_path, options):
     assert empty.equals(listing_table(discover_stacks(tmp_path / "in" / "empty")))
 
 
+def test_folder_listing_equals_walk_locally(tmp_path):
+    from ray_mff import storage
+
+    root = _mixed_tree(tmp_path / "in")
+    (root / "scene1" / "link.png").symlink_to(root / "lytro_01_A.png")  # size: the target's; mtime: its own
+    (root / "linked_dir").symlink_to(root / "pairs")  # fsspec lists a dir symlink as a file, not a folder
+    files, dirs = storage.walk(str(root))
+    folders = list(storage.iter_folders(str(root)))
+    assert sorted(e for _, fs in folders for e in fs) == files
+    assert sorted(f for f, _ in folders if f) == dirs and folders[-1][0] == ""
+    done = set()
+    for folder, _ in folders:  # each folder after all of its sub-folders
+        assert not any(d.startswith(folder + "/") and d not in done for d in dirs if folder)
+        done.add(folder)
+
+
 def test_streamed_listing_on_s3_pages(tmp_path, s3_server, s3_bucket, monkeypatch):
     import boto3
 
