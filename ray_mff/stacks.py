@@ -3,6 +3,9 @@
 Only names are listed (one recursive listing, sizes from it); no image is opened. The result is
 the job's manifest: one :class:`Stack` per fusion job, plus *error rows* (stacks with
 ``meta["error"]``) for whatever cannot be fused, so nothing in the input disappears silently.
+The listing is taken folder by folder (:func:`ray_mff.storage.iter_folders`) and the rules below
+apply per folder as it completes: :func:`discover_stacks` returns a list, :func:`discover_listing`
+the same stacks as Arrow columns for archives of millions (what ``ray-mff fuse`` plans from).
 
 Layouts, decided per folder (the root or any sub-folder that holds files):
 
@@ -59,6 +62,7 @@ Stack ids are unique and filesystem-safe (``[\\w.-]``, folder parts joined by ``
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import os
 import re
@@ -102,6 +106,7 @@ BUILTIN_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
 _DIGITS = re.compile(r"([0-9]+)")
 
 
+@functools.lru_cache(maxsize=4096)  # member labels repeat; a folder's names are sorted twice in a row
 def natural_key(text: str) -> tuple:
     """Sort key that orders digit runs by value and text case-insensitively: ``A<B<C``, ``2<10``.
 
@@ -231,8 +236,9 @@ def _make_stack(sid: str, folder: str, layout: str, pattern: str | None, members
 
 
 def _folder_stacks(folder: str, files: list[_File], root: str, namer: _Namer) -> list[Stack]:
-    images = [f for f in files if is_image_name(f.name)]
-    others = [f for f in files if not is_image_name(f.name)]
+    images, others = [], []
+    for f in files:
+        (images if is_image_name(f.name) else others).append(f)
     parsed = {f.name: namer.parse(f.name) for f in images}
     keys = {p[0] for p in parsed.values() if p is not None}
     unmatched = [f for f in images if parsed[f.name] is None]
@@ -427,11 +433,15 @@ def discover_listing(root: str, pattern: str | re.Pattern | None = None, *, s3_e
         rows.add(found.empty_root())
         table = pa.Table.from_batches([rows.cut()], schema=_ListingRows.SCHEMA)
     table = _unique_rows(table, rows)
-    if leave_out is not None:
+    if pc.any(table["leave"]).as_py():
         table = table.filter(pc.invert(table["leave"]))
     order = pc.sort_indices(table, [("sort_key", "ascending"), ("stack_id", "ascending")])
-    # column by column: one column's copy alive at a time, not the whole table's
-    return pa.table({name: table[name].take(order) for name in LISTING_SCHEMA.names}, schema=LISTING_SCHEMA)
+    table = table.select(LISTING_SCHEMA.names)
+    columns = {}
+    for name in LISTING_SCHEMA.names:  # column by column: one column's copy alive at a time, not the table's
+        columns[name] = table[name].take(order)
+        table = table.drop_columns([name])
+    return pa.table(columns, schema=LISTING_SCHEMA)
 
 
 class _ListingRows:
