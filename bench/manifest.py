@@ -27,7 +27,7 @@ real folder tree of N stack folders (``s0000042/s0000042_A.png``, ``_B.png``: 2N
 and sizes are all discovery reads), OUTPUT as above with the manifest's fingerprints taken from that
 tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh process:
 
-- **table** (``ray-mff fuse`` now): ``stacks.discover_listing(INPUT, leave_out=cli._in_output(...))``
+- **table** (``ray-mff fuse`` now): ``runner.discover_listing(INPUT, leave_out=cli._in_output(...))``
   ("discover s": the folder-by-folder listing, the discovery rules, the listing table, ids made
   unique, natural order), then ``runner.plan_stacks(table, OUTPUT, ...)`` ("plan s"), as
   ``cli.run_fuse`` -> ``runner.run_local``/``pipeline.run_pipeline`` call them (the storage probes,
@@ -35,12 +35,12 @@ tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh proces
 - **list** (the baseline, the path before this change): ``stacks.discover_stacks`` (a list of N
   Stack objects) then ``plan_stacks`` on the list;
 - **find**: ``storage.walk`` alone (fsspec ``find(detail=True)``: every entry's info dict at once),
-  what discovery listed through before it went folder by folder.
+  what discovery listed through before it went folder by folder (up to ``--find-max``).
 
 "peak MiB" is the process's peak RSS (interpreter and imports, about 140 MiB, included). Prints one
 table per part; ``--sizes``, ``--parts``, ``--baseline-max`` (the largest size the old planner runs at).
 
-    .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000] [--parts planners e2e]
+    .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000] [--parts planners e2e] [--tmp /dev/shm]
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def build(root: Path, n: int, fingerprints: list[str] | None = None) -> None:
 
     def rows(lo, hi):
         return [{"run_id": "r0", "stack_id": f"s{i:07d}", "source_uris": [f"/in/s{i:07d}/a.png", f"/in/s{i:07d}/b.png"],
-                 "source_fingerprint": "changed" if i % 100 == 0 else fingerprints[i] if fingerprints else fingerprint(i),
+                 "source_fingerprint": "changed" if i % 100 == 0 else fingerprints[i] if fingerprints
+                 else fingerprint(i),
                  "output_uri": str(out / f"s{i:07d}.png"), "status": "ok", "method": "guided", "seconds": 0.1,
                  "finished_at": now, "recipe_id": "recipe", "seq": i, "n_images": 2} for i in range(lo, hi)]
 
@@ -105,7 +106,7 @@ def build(root: Path, n: int, fingerprints: list[str] | None = None) -> None:
 def build_e2e(root: Path, n: int) -> None:
     """INPUT: a real tree of n stack folders with two empty images each; OUTPUT as :func:`build`,
     its manifest carrying the tree's own fingerprints (so 1 % changed input, 0.1 % missing output)."""
-    from ray_mff.stacks import discover_listing
+    from ray_mff.runner import discover_listing
 
     for i in range(n):
         folder = root / "in" / f"s{i:07d}"
@@ -128,7 +129,7 @@ def measure_e2e(root: Path, n: int, path: str) -> dict:
         files, _ = storage.walk(src)
         return {"discover_s": time.perf_counter() - t0, "peak_mib": _peak_mib(), "files": len(files)}
     if path == "table":
-        listing = stacks.discover_listing(src, leave_out=cli._in_output(src, out))
+        listing = runner.discover_listing(src, leave_out=cli._in_output(src, out))
     else:
         listing = stacks.discover_stacks(src)
     t1 = time.perf_counter()
@@ -273,16 +274,17 @@ def planners(sizes: list[int], baseline_max: int) -> None:
             print("  plans differ:", {k: Counter(r['reasons'].values()) for k, r in results.items()})
 
 
-def end_to_end(sizes: list[int]) -> None:
+def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
     print("end to end, ray-mff fuse before fusing: discovery of a real INPUT tree (N folders, 2N files) + the plan "
           "against OUTPUT's N-row manifest; each path once in a fresh process; peak = its peak RSS")
     print(f"{'stacks':>9}  {'table: discover s':>17}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
           f"{'list: discover s':>16}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
           f"{'find: s':>7}  {'peak MiB':>8}  {'to do':>6}  same")
     for n in sizes:
-        with tempfile.TemporaryDirectory(prefix="mff-bench-e2e-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="mff-bench-e2e-", dir=tmp_root) as tmp:
             _child(tmp, n, "build-e2e")
-            t, b, f = (_child(tmp, n, f"e2e-{path}") for path in ("table", "list", "find"))
+            t, b = (_child(tmp, n, f"e2e-{path}") for path in ("table", "list"))
+            f = _child(tmp, n, "e2e-find") if n <= find_max else {"discover_s": float("nan"), "peak_mib": float("nan")}
         same = t["todo"] == b["todo"] and t["reasons"] == b["reasons"] and t["skipped"] == b["skipped"]
         print(f"{n:>9}  {t['discover_s']:>17.2f}  {t['plan_s']:>6.2f}  {t['discover_s'] + t['plan_s']:>7.2f}  "
               f"{t['peak_mib']:>8.0f}  {b['discover_s']:>16.2f}  {b['plan_s']:>6.2f}  "
@@ -295,6 +297,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--parts", nargs="+", choices=["planners", "e2e"], default=["planners", "e2e"])
     ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size the old planner runs at")
+    ap.add_argument("--find-max", type=int, default=1_000_000, help="largest size fsspec's find runs at (e2e)")
+    ap.add_argument("--tmp", help="where the e2e trees go (default: the system's temp folder; a tmpfs such as "
+                                  "/dev/shm creates millions of files far faster)")
     ap.add_argument("--child", nargs=3, metavar=("ROOT", "N", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -311,7 +316,7 @@ def main() -> None:
     if "planners" in args.parts:
         planners(args.sizes, args.baseline_max)
     if "e2e" in args.parts:
-        end_to_end(args.sizes)
+        end_to_end(args.sizes, args.tmp, args.find_max)
 
 
 if __name__ == "__main__":

@@ -261,8 +261,7 @@ def run_fuse(args):
     """
     from ray_mff import lease, manifest, storage
     from ray_mff.methods import get_fuser
-    from ray_mff.runner import recipe_id, run_local
-    from ray_mff.stacks import discover_listing
+    from ray_mff.runner import discover_listing, recipe_id, run_local
 
     if args.s3_endpoint:
         storage.set_s3_endpoint(args.s3_endpoint)
@@ -333,7 +332,7 @@ def _in_output(input_root: str, output_root: str):
     """Which stacks lie inside OUTPUT, for when OUTPUT is under INPUT (``s3://a`` -> ``s3://a/fused``):
     our own fused images and manifest parts are not new stacks to fuse every night. None when no
     stack can (OUTPUT is not under INPUT); else a test on a stack (it has uris, all inside OUTPUT),
-    for :func:`ray_mff.stacks.discover_listing`'s ``leave_out``. Decided once on the resolved paths,
+    for :func:`ray_mff.runner.discover_listing`'s ``leave_out``. Decided once on the resolved paths,
     then per stack by the uris' prefix in INPUT's spelling (discovery spells every uri as
     ``join_uri(INPUT, relative path)``), not by resolving every uri."""
     from ray_mff import storage

@@ -4,8 +4,9 @@ Only names are listed (one recursive listing, sizes from it); no image is opened
 the job's manifest: one :class:`Stack` per fusion job, plus *error rows* (stacks with
 ``meta["error"]``) for whatever cannot be fused, so nothing in the input disappears silently.
 The listing is taken folder by folder (:func:`ray_mff.storage.iter_folders`) and the rules below
-apply per folder as it completes: :func:`discover_stacks` returns a list, :func:`discover_listing`
-the same stacks as Arrow columns for archives of millions (what ``ray-mff fuse`` plans from).
+apply per folder as it completes (:class:`Discovery`): :func:`discover_stacks` returns a list,
+:func:`ray_mff.runner.discover_listing` the same stacks as Arrow columns for archives of millions
+(what ``ray-mff fuse`` plans from).
 
 Layouts, decided per folder (the root or any sub-folder that holds files):
 
@@ -301,7 +302,7 @@ def _folder_stacks(folder: str, files: list[_File], root: str, namer: _Namer) ->
     return out
 
 
-def _unique(stacks: list[Stack], taken: set[str] | None = None) -> list[Stack]:
+def unique_ids(stacks: list[Stack], taken: set[str] | None = None) -> list[Stack]:
     """Stacks sorted by id, a clashing id renamed ``-2``, ``-3``... (never to an id in ``taken``:
     the ids of stacks not passed, when only the clashing ones are)."""
     stacks = sorted(stacks, key=lambda s: (natural_key(s.id), s.uris))
@@ -385,8 +386,8 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
 
     Returns:
         Stacks sorted (naturally) by id, error rows included (``meta["error"]``). For an archive of
-        millions of stacks, :func:`discover_listing` gives the same as Arrow columns without making
-        a Python object per stack.
+        millions of stacks, :func:`ray_mff.runner.discover_listing` gives the same as Arrow columns
+        without making a Python object per stack.
 
     Raises:
         EmptyStackError: a local root that does not exist, or a root that is a file.
@@ -396,101 +397,14 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
         >>> [s.id for s in discover_stacks("../shared/data/lytro")][:2]    # doctest: +SKIP
         ['lytro_01', 'lytro_02']
     """
-    found = _Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file)
+    found = Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file)
     stacks = list(found)  # the whole walk first: only then are the earlier outputs under the root known
-    return _unique([s for s in stacks if not found.in_output(s)] or [found.empty_root()])
+    return unique_ids([s for s in stacks if not found.in_output(s)] or [found.empty_root()])
 
 
-def discover_listing(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None,
-                     stack_per_file: bool = False, leave_out: Callable[[Stack], bool] | None = None,
-                     chunk: int = 65536) -> pa.Table:
-    """:func:`discover_stacks` as the listing table the planner takes (:data:`ray_mff.runner.LISTING_SCHEMA`:
-    ``stack_id``, ``source_fingerprint``, the stack as JSON), the same rows in the same order, built
-    while the listing streams in (:func:`ray_mff.storage.iter_folders`, folder by folder), ``chunk``
-    rows at a time: no list of Stack objects or of the archive's files is ever held, so a million
-    stacks are discovered and planned in well under 1 GB (``bench/manifest.py``).
-
-    ``leave_out``: stacks for which it is true are dropped once ids are unique (``ray-mff fuse``:
-    stacks inside an OUTPUT that lies under INPUT). Ids are made unique (:func:`_unique`, on the
-    few clashing rows only) and rows sorted with :func:`natural_sort_text` as Arrow columns.
-    """
-    from ray_mff.runner import LISTING_SCHEMA
-
-    found = _Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file)
-    rows = _ListingRows(leave_out)
-    batches = []
-    for stack in found:
-        rows.add(stack)
-        if rows.count >= chunk:
-            batches.append(rows.cut())
-    batches.append(rows.cut())
-    table = pa.Table.from_batches(batches, schema=_ListingRows.SCHEMA)
-    del batches
-    for out in sorted(found.outputs):  # earlier OUTPUTs under the root: known once the walk is done
-        folder = table["folder"]
-        table = table.filter(pc.invert(pc.or_(pc.equal(folder, out[:-1]), pc.starts_with(folder, out))))
-    if table.num_rows == 0:
-        rows.add(found.empty_root())
-        table = pa.Table.from_batches([rows.cut()], schema=_ListingRows.SCHEMA)
-    table = _unique_rows(table, rows)
-    if pc.any(table["leave"]).as_py():
-        table = table.filter(pc.invert(table["leave"]))
-    order = pc.sort_indices(table, [("sort_key", "ascending"), ("stack_id", "ascending")])
-    table = table.select(LISTING_SCHEMA.names)
-    columns = {}
-    for name in LISTING_SCHEMA.names:  # column by column: one column's copy alive at a time, not the table's
-        columns[name] = table[name].take(order)
-        table = table.drop_columns([name])
-    return pa.table(columns, schema=LISTING_SCHEMA)
-
-
-class _ListingRows:
-    """Listing-table columns being built, plus what discovery needs to finish the table: the folder
-    (earlier outputs are left out by folder), the natural sort key and the ``leave_out`` flag."""
-
-    SCHEMA = pa.schema([("stack_id", pa.string()), ("source_fingerprint", pa.string()), ("stack", pa.string()),
-                        ("folder", pa.string()), ("sort_key", pa.string()), ("leave", pa.bool_())])
-
-    def __init__(self, leave_out: Callable[[Stack], bool] | None):
-        from ray_mff.runner import source_fingerprint, stack_json  # runner imports this module
-
-        self.leave_out, self._fingerprint, self._json = leave_out, source_fingerprint, stack_json
-        self.columns: list[list] = [[] for _ in self.SCHEMA]
-
-    @property
-    def count(self) -> int:
-        return len(self.columns[0])
-
-    def add(self, stack: Stack) -> None:
-        for column, value in zip(self.columns, (
-                stack.id, self._fingerprint(stack), self._json(stack), stack.meta.get("folder", ""),
-                natural_sort_text(stack.id), bool(self.leave_out is not None and self.leave_out(stack)))):
-            column.append(value)
-
-    def cut(self) -> pa.RecordBatch:
-        batch = pa.record_batch([pa.array(c, f.type) for c, f in zip(self.columns, self.SCHEMA)], schema=self.SCHEMA)
-        self.columns = [[] for _ in self.SCHEMA]
-        return batch
-
-
-def _unique_rows(table: pa.Table, rows: _ListingRows) -> pa.Table:
-    """:func:`_unique` on a listing table: only the rows whose id clashes become Stack objects."""
-    from ray_mff.runner import stack_from_json
-
-    counts = pc.value_counts(table["stack_id"])
-    clashing = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if len(clashing) == 0:
-        return table
-    clash = pc.is_in(table["stack_id"], value_set=clashing)
-    stacks = [stack_from_json(t) for t in table.filter(clash)["stack"].to_pylist()]
-    for stack in _unique(stacks, taken=set(table["stack_id"].to_pylist())):
-        rows.add(stack)
-    return pa.concat_tables([table.filter(pc.invert(clash)), pa.Table.from_batches([rows.cut()])])
-
-
-class _Discovery:
+class Discovery:
     """Discovery's stacks folder by folder, as the listing streams in (a folder comes after its
-    sub-folders: :func:`ray_mff.storage.iter_folders`), before ids are made unique (:func:`_unique`).
+    sub-folders: :func:`ray_mff.storage.iter_folders`), before ids are made unique (:func:`unique_ids`).
 
     Iterating yields every stack the rules below make. A sub-folder holding a ray-mff manifest is an
     earlier run's OUTPUT (``outputs``: ``"<folder>/"``), not stacks to fuse; a folder learns that only

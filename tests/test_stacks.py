@@ -358,13 +358,14 @@ def _mixed_tree(root):
 def _upload(root, client, bucket, prefix):
     for p in sorted(root.rglob("*")):
         key = f"{prefix}/{p.relative_to(root).as_posix()}"
-        client.put_object(Bucket=bucket, Key=key + ("/" if p.is_dir() else ""), Body=b"" if p.is_dir() else p.read_bytes())
+        body = b"" if p.is_dir() else p.read_bytes()
+        client.put_object(Bucket=bucket, Key=key + ("/" if p.is_dir() else ""), Body=body)
 
 
 @pytest.mark.parametrize("options", [{}, {"stack_per_file": True}, {"pattern": r"(?P<stack>.+)_(?P<index>\d+)"}])
 def test_streamed_listing_equals_the_list(tmp_path, options):
     from ray_mff.runner import listing_table
-    from ray_mff.stacks import discover_listing
+    from ray_mff.runner import discover_listing
 
     root = _mixed_tree(tmp_path / "in")
     stacks = discover_stacks(root, **options)
@@ -401,7 +402,7 @@ def test_streamed_listing_on_s3_pages(tmp_path, s3_server, s3_bucket, monkeypatc
 
     from ray_mff import storage
     from ray_mff.runner import listing_table
-    from ray_mff.stacks import discover_listing
+    from ray_mff.runner import discover_listing
 
     _upload(_mixed_tree(tmp_path / "in"), boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1"),
             s3_bucket, "in")
