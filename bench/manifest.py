@@ -103,19 +103,31 @@ def build(root: Path, n: int, fingerprints: list[str] | None = None) -> None:
         manifest.write_part(str(out), rows(lo, min(n, lo + PART_ROWS)), "r1", k)
 
 
-def build_e2e(root: Path, n: int) -> None:
-    """INPUT: a real tree of n stack folders with two empty images each; OUTPUT as :func:`build`,
-    its manifest carrying the tree's own fingerprints (so 1 % changed input, 0.1 % missing output)."""
-    from ray_mff.runner import discover_listing
+E2E_MTIME_NS = 1_700_000_000 * 10**9  # whole seconds: the listing's float mtime gives this back exactly
 
+
+def build_e2e(root: Path, n: int) -> None:
+    """INPUT: a real tree of n stack folders with two empty images each (mtime set to
+    E2E_MTIME_NS); OUTPUT as :func:`build`, its manifest carrying the fingerprints discovery gives
+    that tree (so 1 % changed input, 0.1 % missing output: a wrong fingerprint would show as a
+    plan with every stack to do)."""
+    from ray_mff.runner import source_fingerprint
+    from ray_mff.stacks import Stack
+
+    fingerprints = []
     for i in range(n):
-        folder = root / "in" / f"s{i:07d}"
+        sid = f"s{i:07d}"
+        folder = root / "in" / sid
         folder.mkdir(parents=True)
+        uris = []
         for member in "AB":
-            (folder / f"s{i:07d}_{member}.png").touch()
-    listing = discover_listing(str(root / "in"))
-    assert listing["stack_id"].to_pylist() == [f"s{i:07d}" for i in range(n)]
-    build(root, n, listing["source_fingerprint"].to_pylist())
+            fd = os.open(folder / f"{sid}_{member}.png", os.O_CREAT | os.O_WRONLY, 0o644)
+            os.utime(fd, ns=(E2E_MTIME_NS, E2E_MTIME_NS))
+            os.close(fd)
+            uris.append(str(folder / f"{sid}_{member}.png"))
+        fingerprints.append(source_fingerprint(Stack(sid, tuple(uris), {"sizes": (0, 0),
+                                                                         "versions": (str(E2E_MTIME_NS),) * 2})))
+    build(root, n, fingerprints)
 
 
 def measure_e2e(root: Path, n: int, path: str) -> dict:
