@@ -562,6 +562,10 @@ def discover_listing(root: str, pattern: str | re.Pattern | None = None, *, s3_e
     for name in LISTING_SCHEMA.names:  # column by column: one column's copy alive at a time, not the table's
         columns[name] = table[name].take(order)
         table = table.drop_columns([name])
+    del table
+    # Arrow's allocator (mimalloc) keeps what the batches and the unsorted columns freed; hand it back
+    # before planning allocates its own (200k stacks: 347 -> 211 MiB RSS after discovery)
+    pa.default_memory_pool().release_unused()
     return pa.table(columns, schema=LISTING_SCHEMA)
 
 

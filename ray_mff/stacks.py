@@ -63,7 +63,6 @@ Stack ids are unique and filesystem-safe (``[\\w.-]``, folder parts joined by ``
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 import os
 import re
@@ -107,7 +106,6 @@ BUILTIN_PATTERNS: tuple[tuple[str, re.Pattern], ...] = (
 _DIGITS = re.compile(r"([0-9]+)")
 
 
-@functools.lru_cache(maxsize=4096)  # member labels repeat; a folder's names are sorted twice in a row
 def natural_key(text: str) -> tuple:
     """Sort key that orders digit runs by value and text case-insensitively: ``A<B<C``, ``2<10``.
 
