@@ -21,9 +21,26 @@ not only the planner):
   manifest into Python lists, a set of every output name, a loop over the stacks.
 
 "plan s" is the best of 3 runs in that process (the machine may be shared; peak RSS covers all 3).
-Prints one table; ``--sizes`` to choose sizes, ``--baseline-max`` the largest size the old planner runs at.
 
-    .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000]
+**End to end** (``--parts e2e``): what ``ray-mff fuse`` does before fusing, on real files. INPUT is a
+real folder tree of N stack folders (``s0000042/s0000042_A.png``, ``_B.png``: 2N empty files, names
+and sizes are all discovery reads), OUTPUT as above with the manifest's fingerprints taken from that
+tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh process:
+
+- **table** (``ray-mff fuse`` now): ``runner.discover_listing(INPUT, leave_out=cli._in_output(...))``
+  ("discover s": the folder-by-folder listing, the discovery rules, the listing table, ids made
+  unique, natural order), then ``runner.plan_stacks(table, OUTPUT, ...)`` ("plan s"), as
+  ``cli.run_fuse`` -> ``runner.run_local``/``pipeline.run_pipeline`` call them (the storage probes,
+  the lease and fusing itself are not in it);
+- **list** (the baseline, the path before this change): ``stacks.discover_stacks`` (a list of N
+  Stack objects) then ``plan_stacks`` on the list;
+- **find**: ``storage.walk`` alone (fsspec ``find(detail=True)``: every entry's info dict at once),
+  what discovery listed through before it went folder by folder (up to ``--find-max``).
+
+"peak MiB" is the process's peak RSS (interpreter and imports, about 140 MiB, included). Prints one
+table per part; ``--sizes``, ``--parts``, ``--baseline-max`` (the largest size the old planner runs at).
+
+    .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000] [--parts planners e2e] [--tmp /dev/shm]
 """
 from __future__ import annotations
 
@@ -47,9 +64,10 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(root: Path, n: int) -> None:
+def build(root: Path, n: int, fingerprints: list[str] | None = None) -> None:
     """OUTPUT with n empty images (0.1 % missing) and a compacted manifest plus RECENT_PARTS recent
-    parts (1 % of rows with another input fingerprint)."""
+    parts (1 % of rows with another input fingerprint). ``fingerprints``: the stacks' own (a real
+    INPUT tree's), else those of :func:`stack`."""
     import datetime as dt
 
     import pyarrow.parquet as pq
@@ -66,7 +84,8 @@ def build(root: Path, n: int) -> None:
 
     def rows(lo, hi):
         return [{"run_id": "r0", "stack_id": f"s{i:07d}", "source_uris": [f"/in/s{i:07d}/a.png", f"/in/s{i:07d}/b.png"],
-                 "source_fingerprint": "changed" if i % 100 == 0 else fingerprint(i),
+                 "source_fingerprint": "changed" if i % 100 == 0 else fingerprints[i] if fingerprints
+                 else fingerprint(i),
                  "output_uri": str(out / f"s{i:07d}.png"), "status": "ok", "method": "guided", "seconds": 0.1,
                  "finished_at": now, "recipe_id": "recipe", "seq": i, "n_images": 2} for i in range(lo, hi)]
 
@@ -82,6 +101,54 @@ def build(root: Path, n: int) -> None:
         writer.close()
     for k, lo in enumerate(range(n - recent, n, PART_ROWS)):
         manifest.write_part(str(out), rows(lo, min(n, lo + PART_ROWS)), "r1", k)
+
+
+E2E_MTIME_NS = 1_700_000_000 * 10**9  # whole seconds: the listing's float mtime gives this back exactly
+
+
+def build_e2e(root: Path, n: int) -> None:
+    """INPUT: a real tree of n stack folders with two empty images each (mtime set to
+    E2E_MTIME_NS); OUTPUT as :func:`build`, its manifest carrying the fingerprints discovery gives
+    that tree (so 1 % changed input, 0.1 % missing output: a wrong fingerprint would show as a
+    plan with every stack to do)."""
+    from ray_mff.runner import source_fingerprint
+    from ray_mff.stacks import Stack
+
+    fingerprints = []
+    for i in range(n):
+        sid = f"s{i:07d}"
+        folder = root / "in" / sid
+        folder.mkdir(parents=True)
+        uris = []
+        for member in "AB":
+            fd = os.open(folder / f"{sid}_{member}.png", os.O_CREAT | os.O_WRONLY, 0o644)
+            os.utime(fd, ns=(E2E_MTIME_NS, E2E_MTIME_NS))
+            os.close(fd)
+            uris.append(str(folder / f"{sid}_{member}.png"))
+        fingerprints.append(source_fingerprint(Stack(sid, tuple(uris), {"sizes": (0, 0),
+                                                                         "versions": (str(E2E_MTIME_NS),) * 2})))
+    build(root, n, fingerprints)
+
+
+def measure_e2e(root: Path, n: int, path: str) -> dict:
+    """One path of ``ray-mff fuse`` before fusing: discovery of INPUT, then planning against OUTPUT."""
+    from ray_mff import cli, runner, storage, stacks
+
+    src, out = str(root / "in"), str(root / "out")
+    opts = runner.RunOptions(recipe_id="recipe")
+    t0 = time.perf_counter()
+    if path == "find":
+        files, _ = storage.walk(src)
+        return {"discover_s": time.perf_counter() - t0, "peak_mib": _peak_mib(), "files": len(files)}
+    if path == "table":
+        listing = runner.discover_listing(src, leave_out=cli._in_output(src, out))
+    else:
+        listing = stacks.discover_stacks(src)
+    t1 = time.perf_counter()
+    plan = runner.plan_stacks(listing, out, opts)
+    t2 = time.perf_counter()
+    return {"discover_s": t1 - t0, "plan_s": t2 - t1, "peak_mib": _peak_mib(), "todo": [s.id for s in plan.todo],
+            "reasons": plan.reasons, "skipped": plan.n_skipped}
 
 
 def fingerprint(i: int) -> str:
@@ -183,36 +250,30 @@ def old_plan(stacks, output_root: str, opts):
     return todo, reasons, n_skipped, waiting
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size the old planner runs at")
-    ap.add_argument("--child", nargs=3, metavar=("ROOT", "N", "PLANNER"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        root, n, planner = Path(args.child[0]), int(args.child[1]), args.child[2]
-        if planner == "build":
-            build(root, n)
-        else:
-            print(json.dumps(measure(root, n, planner)))
-        return
+def _child(tmp: str, n: int, what: str) -> dict | None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, __file__, "--child", tmp, str(n), what], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+        print(proc.stderr[-2000:], file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
+
+
+def planners(sizes: list[int], baseline_max: int) -> None:
     print(f"planning a rerun: plan s = best of {REPEAT}; peak = peak RSS of the planner's own process "
           "(getrusage ru_maxrss); listing s = building the planner's input (not in plan s, in the peak)")
     print(f"{'rows':>9}  {'files':>5}  {'arrow: listing s':>16}  {'plan s':>6}  {'peak MiB':>8}  "
           f"{'list: plan s':>12}  {'peak MiB':>8}  {'old: plan s':>11}  {'peak MiB':>8}  {'old/list':>8}  "
           f"{'to do':>6}  same")
-    for n in args.sizes:
+    for n in sizes:
         with tempfile.TemporaryDirectory(prefix="mff-bench-manifest-") as tmp:
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
             results = {}
-            for planner in ["build", "arrow", "list", *(["old"] if n <= args.baseline_max else [])]:
-                cmd = [sys.executable, __file__, "--child", tmp, str(n), planner]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-                if proc.returncode:
-                    print(proc.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(proc.returncode)
+            for planner in ["build", "arrow", "list", *(["old"] if n <= baseline_max else [])]:
+                result = _child(tmp, n, planner)
                 if planner != "build":
-                    results[planner] = json.loads(proc.stdout.strip().splitlines()[-1])
+                    results[planner] = result
         a, b, old = results["arrow"], results["list"], results.get("old")
         same = all(r["todo"] == a["todo"] and r["reasons"] == a["reasons"] and r["skipped"] == a["skipped"]
                    for r in results.values())
@@ -220,9 +281,54 @@ def main() -> None:
             f"{old['seconds']:.2f}", f"{old['peak_mib']:.0f}", f"{old['seconds'] / b['seconds']:.1f}x")
         print(f"{n:>9}  {a['files']:>5}  {a['listing_s']:>16.2f}  {a['seconds']:>6.2f}  {a['peak_mib']:>8.0f}  "
               f"{b['seconds']:>12.2f}  {b['peak_mib']:>8.0f}  {old_s:>11}  {old_peak:>8}  {ratio:>8}  "
-              f"{len(a['todo']):>6}  {'yes' if same else 'NO'}")
+              f"{len(a['todo']):>6}  {'yes' if same else 'NO'}", flush=True)
         if not same:
             print("  plans differ:", {k: Counter(r['reasons'].values()) for k, r in results.items()})
+
+
+def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
+    print("end to end, ray-mff fuse before fusing: discovery of a real INPUT tree (N folders, 2N files) + the plan "
+          "against OUTPUT's N-row manifest; each path once in a fresh process; peak = its peak RSS")
+    print(f"{'stacks':>9}  {'table: discover s':>17}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
+          f"{'list: discover s':>16}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
+          f"{'find: s':>7}  {'peak MiB':>8}  {'to do':>6}  same")
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="mff-bench-e2e-", dir=tmp_root) as tmp:
+            _child(tmp, n, "build-e2e")
+            t, b = (_child(tmp, n, f"e2e-{path}") for path in ("table", "list"))
+            f = _child(tmp, n, "e2e-find") if n <= find_max else {"discover_s": float("nan"), "peak_mib": float("nan")}
+        same = t["todo"] == b["todo"] and t["reasons"] == b["reasons"] and t["skipped"] == b["skipped"]
+        print(f"{n:>9}  {t['discover_s']:>17.2f}  {t['plan_s']:>6.2f}  {t['discover_s'] + t['plan_s']:>7.2f}  "
+              f"{t['peak_mib']:>8.0f}  {b['discover_s']:>16.2f}  {b['plan_s']:>6.2f}  "
+              f"{b['discover_s'] + b['plan_s']:>7.2f}  {b['peak_mib']:>8.0f}  {f['discover_s']:>7.2f}  "
+              f"{f['peak_mib']:>8.0f}  {len(t['todo']):>6}  {'yes' if same else 'NO'}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--parts", nargs="+", choices=["planners", "e2e"], default=["planners", "e2e"])
+    ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size the old planner runs at")
+    ap.add_argument("--find-max", type=int, default=1_000_000, help="largest size fsspec's find runs at (e2e)")
+    ap.add_argument("--tmp", help="where the e2e trees go (default: the system's temp folder; a tmpfs such as "
+                                  "/dev/shm creates millions of files far faster)")
+    ap.add_argument("--child", nargs=3, metavar=("ROOT", "N", "WHAT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        root, n, what = Path(args.child[0]), int(args.child[1]), args.child[2]
+        if what == "build":
+            build(root, n)
+        elif what == "build-e2e":
+            build_e2e(root, n)
+        elif what.startswith("e2e-"):
+            print(json.dumps(measure_e2e(root, n, what[4:])))
+        else:
+            print(json.dumps(measure(root, n, what)))
+        return
+    if "planners" in args.parts:
+        planners(args.sizes, args.baseline_max)
+    if "e2e" in args.parts:
+        end_to_end(args.sizes, args.tmp, args.find_max)
 
 
 if __name__ == "__main__":

@@ -279,8 +279,7 @@ def run_fuse(args):
     """
     from ray_mff import lease, manifest, storage
     from ray_mff.methods import get_fuser
-    from ray_mff.runner import recipe_id, run_local
-    from ray_mff.stacks import discover_stacks
+    from ray_mff.runner import discover_listing, recipe_id, run_local
 
     if args.s3_endpoint:
         storage.set_s3_endpoint(args.s3_endpoint)
@@ -288,9 +287,10 @@ def run_fuse(args):
         raise SetupError(f"{args.output}: OUTPUT is INPUT; fused images would mix with the stacks "
                          f"(use a sub-folder such as {storage.join_uri(args.input, 'fused')})")
     storage.probe(args.input)
-    stacks = _outside(discover_stacks(args.input, pattern=args.pattern, stack_per_file=args.stack_per_file),
-                      args.output)
-    if not stacks:
+    # the listing as Arrow columns, built folder by folder: a million stacks plan in well under 1 GB
+    stacks = discover_listing(args.input, pattern=args.pattern, stack_per_file=args.stack_per_file,
+                              leave_out=_in_output(args.input, args.output))
+    if not stacks.num_rows:
         return None
     storage.probe(args.output, write=True)  # after discovery: a new OUTPUT inside INPUT is no empty stack
     spec = fuser_spec_from_args(args)
@@ -300,8 +300,8 @@ def run_fuse(args):
     opts.recipe_id = recipe_id(spec, opts)
     executor, why = args.executor, "asked for"
     if executor == "auto":
-        executor, why = choose_executor(len(stacks), spec, args.ray_address)
-    log.info("%d stacks in %s; method %s; executor %s (%s)", len(stacks), args.input, spec["name"], executor, why)
+        executor, why = choose_executor(stacks.num_rows, spec, args.ray_address)
+    log.info("%d stacks in %s; method %s; executor %s (%s)", stacks.num_rows, args.input, spec["name"], executor, why)
     run_id = manifest.new_run_id()
     with lease.acquire(args.output, run_id, wait=getattr(args, "wait", False)) as held:
         if executor == "ray":
@@ -347,19 +347,26 @@ def choose_executor(n_stacks: int, spec: dict, ray_address: str | None,
     return "ray", f"no cluster given, but ~{estimate:.0f} CPU-seconds of work spread over {cores} local cores"
 
 
-def _outside(stacks: list, output_root: str) -> list:
-    """Leave out stacks inside OUTPUT, for when OUTPUT lies under INPUT (``s3://a`` -> ``s3://a/fused``):
-    our own fused images and manifest parts are not new stacks to fuse every night."""
+def _in_output(input_root: str, output_root: str):
+    """Which stacks lie inside OUTPUT, for when OUTPUT is under INPUT (``s3://a`` -> ``s3://a/fused``):
+    our own fused images and manifest parts are not new stacks to fuse every night. None when no
+    stack can (OUTPUT is not under INPUT); else a test on a stack (it has uris, all inside OUTPUT),
+    for :func:`ray_mff.runner.discover_listing`'s ``leave_out``. Decided once on the resolved paths,
+    then per stack by the uris' prefix in INPUT's spelling (discovery spells every uri as
+    ``join_uri(INPUT, relative path)``), not by resolving every uri."""
     from ray_mff import storage
 
+    in_fs, in_path = storage.resolve(input_root)
     out_fs, out_path = storage.resolve(output_root)
-    inside = out_path.rstrip("/") + "/"
-
-    def is_output(uri: str) -> bool:
-        fs, path = storage.resolve(uri)
-        return fs.protocol == out_fs.protocol and path.startswith(inside)
-
-    return [s for s in stacks if not (s.uris and all(is_output(u) for u in s.uris))]
+    if in_fs.protocol != out_fs.protocol:
+        return None
+    in_path, out_path = in_path.rstrip("/"), out_path.rstrip("/")
+    if (in_path + "/").startswith(out_path + "/"):  # INPUT inside OUTPUT: everything is
+        return lambda stack: bool(stack.uris)
+    if not out_path.startswith(in_path + "/"):
+        return None
+    inside = storage.join_uri(input_root, *out_path[len(in_path) + 1:].split("/"), "x")[:-1]
+    return lambda stack: bool(stack.uris) and all(u.startswith(inside) for u in stack.uris)
 
 
 def cmd_fuse(args) -> int:

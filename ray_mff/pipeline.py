@@ -709,7 +709,7 @@ def _estimates(stacks: list[Stack]) -> list[int]:
 
 
 def run_pipeline(
-    stacks: list[Stack],
+    stacks: "list[Stack] | pa.Table",
     fuser_spec: dict,
     output_root: str,
     opts: RunOptions,
@@ -734,8 +734,9 @@ def run_pipeline(
     """Fuse ``stacks`` on Ray Data; write images and manifest parts under ``output_root``.
 
     Args:
-        stacks: the job's stack list (``discover_stacks``); stacks already done are skipped
-            (:func:`ray_mff.runner.plan_run`, ``opts.force`` redoes them).
+        stacks: the job's stack list (``discover_stacks``) or listing table (``discover_listing``,
+            what ``ray-mff fuse`` passes: Stack objects are made for the stacks to fuse only);
+            stacks already done are skipped (:func:`ray_mff.runner.plan_run`, ``opts.force`` redoes them).
         fuser_spec: keyword arguments for :func:`ray_mff.methods.get_fuser`, e.g.
             ``{"name": "guided"}`` or ``{"name": "cascade", "engine": "tensorrt", "precision": "fp16"}``.
         num_actors: a fixed number of fusion actors (sets both ``min_actors`` and ``max_actors``).

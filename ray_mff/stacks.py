@@ -3,6 +3,10 @@
 Only names are listed (one recursive listing, sizes from it); no image is opened. The result is
 the job's manifest: one :class:`Stack` per fusion job, plus *error rows* (stacks with
 ``meta["error"]``) for whatever cannot be fused, so nothing in the input disappears silently.
+The listing is taken folder by folder (:func:`ray_mff.storage.iter_folders`) and the rules below
+apply per folder as it completes (:class:`Discovery`): :func:`discover_stacks` returns a list,
+:func:`ray_mff.runner.discover_listing` the same stacks as Arrow columns for archives of millions
+(what ``ray-mff fuse`` plans from).
 
 Layouts, decided per folder (the root or any sub-folder that holds files):
 
@@ -63,6 +67,10 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import storage
 from .errors import EmptyStackError
@@ -113,6 +121,30 @@ def natural_key(text: str) -> tuple:
         else:
             key.append((1, part.casefold(), part))
     return tuple(key)
+
+
+def natural_sort_text(text: str) -> str:
+    """:func:`natural_key` as one string: sorting by it (code point order, as Python compares str and
+    Arrow compares UTF-8) sorts exactly as by ``natural_key``, so an Arrow column of these sorts a
+    listing table naturally without a Python tuple per row.
+
+    Each part of the key is self-delimiting: a digit run is ``\\x01``, its value's length (one
+    character), its value, then the run itself; a text run is ``\\x02``, its casefold, then itself;
+    ``\\x00`` ends each (no name holds it), so a prefix sorts first as in tuple comparison.
+
+    >>> sorted(["z10", "z2", "B", "a"], key=natural_sort_text)
+    ['a', 'B', 'z2', 'z10']
+    """
+    out = []
+    for part in _DIGITS.split(text):
+        if not part:
+            continue
+        if part[0] in "0123456789":
+            value = str(int(part))
+            out.append(f"\x01{chr(0x20 + len(value))}{value}\x00{part}\x00")
+        else:
+            out.append(f"\x02{part.casefold()}\x00{part}\x00")
+    return "".join(out)
 
 
 def safe_id(text: str) -> str:
@@ -203,8 +235,9 @@ def _make_stack(sid: str, folder: str, layout: str, pattern: str | None, members
 
 
 def _folder_stacks(folder: str, files: list[_File], root: str, namer: _Namer) -> list[Stack]:
-    images = [f for f in files if is_image_name(f.name)]
-    others = [f for f in files if not is_image_name(f.name)]
+    images, others = [], []
+    for f in files:
+        (images if is_image_name(f.name) else others).append(f)
     parsed = {f.name: namer.parse(f.name) for f in images}
     keys = {p[0] for p in parsed.values() if p is not None}
     unmatched = [f for f in images if parsed[f.name] is None]
@@ -267,9 +300,11 @@ def _folder_stacks(folder: str, files: list[_File], root: str, namer: _Namer) ->
     return out
 
 
-def _unique(stacks: list[Stack]) -> list[Stack]:
+def unique_ids(stacks: list[Stack], taken: set[str] | None = None) -> list[Stack]:
+    """Stacks sorted by id, a clashing id renamed ``-2``, ``-3``... (never to an id in ``taken``:
+    the ids of stacks not passed, when only the clashing ones are)."""
     stacks = sorted(stacks, key=lambda s: (natural_key(s.id), s.uris))
-    taken = {s.id for s in stacks}
+    taken = {s.id for s in stacks} | (taken or set())
     out, used = [], set()
     for s in stacks:
         if s.id in used:
@@ -348,7 +383,9 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
         s3_endpoint: S3 endpoint override (else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``).
 
     Returns:
-        Stacks sorted (naturally) by id, error rows included (``meta["error"]``).
+        Stacks sorted (naturally) by id, error rows included (``meta["error"]``). For an archive of
+        millions of stacks, :func:`ray_mff.runner.discover_listing` gives the same as Arrow columns
+        without making a Python object per stack.
 
     Raises:
         EmptyStackError: a local root that does not exist, or a root that is a file.
@@ -358,53 +395,89 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
         >>> [s.id for s in discover_stacks("../shared/data/lytro")][:2]    # doctest: +SKIP
         ['lytro_01', 'lytro_02']
     """
-    root = os.fspath(root)
-    namer = _Namer(pattern)
-    fs, path = storage.resolve(root, s3_endpoint=s3_endpoint)
-    if not storage.is_remote(root) and not fs.exists(path):
-        raise EmptyStackError(root, "no such folder")
-    if fs.isfile(path):
-        raise EmptyStackError(root, "is a file; discovery needs a folder or prefix")
+    found = Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file)
+    stacks = list(found)  # the whole walk first: only then are the earlier outputs under the root known
+    return unique_ids([s for s in stacks if not found.in_output(s)] or [found.empty_root()])
 
-    entries, all_dirs = storage.walk(root, s3_endpoint=s3_endpoint)
-    # A sub-folder holding a ray-mff manifest is an earlier run's OUTPUT, not stacks to fuse.
-    outputs = {e.relpath.split("/manifest.parquet/", 1)[0] + "/" for e in entries
-               if "/manifest.parquet/" in e.relpath}
-    entries = [e for e in entries if not any(e.relpath.startswith(o) for o in outputs)]
-    zarr_root = root.lower().rstrip("/").endswith(".zarr")  # the root is itself an OME-Zarr image or plate
-    visible = entries
-    if zarr_root:
-        base = storage.basename(root)
-        visible = [storage.FileEntry(e.uri, f"{base}/{e.relpath}", e.size, e.version) for e in entries]
-    visible = [e for e in visible if ".zarr/" in e.relpath.lower()
-               or not any(p.startswith(".") for p in e.relpath.split("/"))]
-    single, claimed = _single_file_stacks(visible, stack_per_file)
-    if zarr_root:
-        claimed = {c.split("/", 1)[1] for c in claimed}
-    by_folder: dict[str, list[_File]] = {}
-    for entry in entries:
-        parts = entry.relpath.split("/")
-        if entry.relpath in claimed or any(p.startswith(".") for p in parts):
-            continue
-        by_folder.setdefault("/".join(parts[:-1]), []).append(
-            _File(entry.uri, parts[-1], entry.size, entry.version))
 
-    # Leaf folders with no (visible) file in them are empty stack folders.
-    dirs = [d for d in all_dirs if not any(p.startswith(".") or p.lower().endswith(".zarr") for p in d.split("/"))
-            and not any((d + "/").startswith(o) for o in outputs)]
-    if zarr_root:
-        dirs = []  # everything below is the zarr hierarchy
-    parents = {d.rsplit("/", 1)[0] for d in dirs if "/" in d}
-    for d in dirs:
-        if d not in parents and d not in by_folder:
-            by_folder[d] = []
-    if not by_folder:
-        by_folder[""] = []  # an empty root is one empty folder: an error row, not a crash
+class Discovery:
+    """Discovery's stacks folder by folder, as the listing streams in (a folder comes after its
+    sub-folders: :func:`ray_mff.storage.iter_folders`), before ids are made unique (:func:`unique_ids`).
 
-    stacks: list[Stack] = list(single)
-    if single and not by_folder.get(""):
-        by_folder.pop("", None)  # a root holding only single-file stacks is not an empty folder
-    for folder in sorted(by_folder):
-        files = sorted(by_folder[folder], key=lambda f: natural_key(f.name))
-        stacks += _folder_stacks(folder, files, root, namer)
-    return _unique(stacks)
+    Iterating yields every stack the rules below make. A sub-folder holding a ray-mff manifest is an
+    earlier run's OUTPUT (``outputs``: ``"<folder>/"``), not stacks to fuse; a folder learns that only
+    once its sub-folders are listed, so stacks under it are yielded too and the caller drops them
+    (:meth:`in_output`) after the walk. When nothing is left the root is one empty folder
+    (:meth:`empty_root`): an error row, not a crash.
+    """
+
+    def __init__(self, root: str, pattern, *, s3_endpoint: str | None, stack_per_file: bool):
+        self.root = os.fspath(root)
+        self.namer = _Namer(pattern)
+        self.s3_endpoint, self.stack_per_file = s3_endpoint, stack_per_file
+        fs, path = storage.resolve(self.root, s3_endpoint=s3_endpoint)
+        if not storage.is_remote(self.root) and not fs.exists(path):
+            raise EmptyStackError(self.root, "no such folder")
+        if fs.isfile(path):
+            raise EmptyStackError(self.root, "is a file; discovery needs a folder or prefix")
+        self.outputs: set[str] = set()
+
+    def in_output(self, stack: Stack) -> bool:
+        folder = stack.meta.get("folder", "") + "/"
+        return any(folder.startswith(o) for o in self.outputs)
+
+    def empty_root(self) -> Stack:
+        (stack,) = _folder_stacks("", [], self.root, self.namer)
+        return stack
+
+    def _note_output(self, folder: str) -> None:
+        parts = folder.split("/")
+        if "manifest.parquet" in parts[1:]:  # a file under <folder>/manifest.parquet/
+            self.outputs.add("/".join(parts[:parts.index("manifest.parquet", 1)]) + "/")
+
+    def _under_output(self, relpath: str) -> bool:
+        return any(relpath.startswith(o) for o in self.outputs)
+
+    def __iter__(self) -> Iterator[Stack]:
+        root, namer = self.root, self.namer
+        folders = storage.iter_folders(root, s3_endpoint=self.s3_endpoint)
+        if root.lower().rstrip("/").endswith(".zarr"):  # the root is itself an OME-Zarr image or plate
+            entries = []
+            for folder, files in folders:
+                if files:
+                    self._note_output(folder)
+                entries += files
+            base = storage.basename(root)
+            entries = [storage.FileEntry(e.uri, f"{base}/{e.relpath}", e.size, e.version) for e in entries
+                       if not self._under_output(e.relpath)]
+            yield from _single_file_stacks(entries, self.stack_per_file)[0]  # every file is the store's
+            return
+        has_child: set[str] = set()  # folders with a sub-folder that counts (so: not an empty leaf)
+        zarr: dict[str, list] = {}  # files of the *.zarr folders being listed
+        for folder, files in folders:
+            parts = folder.split("/") if folder else []
+            if files:
+                self._note_output(folder)
+            z = next((i for i, p in enumerate(parts) if p.lower().endswith(".zarr")), None)
+            if z is not None:  # inside a zarr store (hidden names included): its images once it is complete
+                store = "/".join(parts[:z + 1])
+                zarr.setdefault(store, []).extend(files)
+                if z == len(parts) - 1:
+                    entries = [e for e in zarr.pop(store) if not self._under_output(e.relpath)]
+                    yield from _single_file_stacks(entries, self.stack_per_file)[0]
+                continue
+            if any(p.startswith(".") for p in parts):
+                continue  # hidden folders are ignored
+            visible = [e for e in files if not e.relpath.rpartition("/")[2].startswith(".")]
+            single, claimed = _single_file_stacks(visible, self.stack_per_file)
+            yield from single
+            rest = sorted((_File(e.uri, e.relpath.rpartition("/")[2], e.size, e.version) for e in visible
+                           if e.relpath not in claimed), key=lambda f: natural_key(f.name))
+            if rest:
+                yield from _folder_stacks(folder, rest, root, namer)
+            elif folder and folder not in has_child:  # a leaf folder with no files: an empty stack folder
+                yield from _folder_stacks(folder, [], root, namer)
+            if folder:
+                has_child.discard(folder)
+                if folder + "/" not in self.outputs:
+                    has_child.add(folder.rpartition("/")[0])

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -42,6 +42,7 @@ S3FS_RETRIES = 2
 # The start-of-run check: one attempt, short timeouts, so a wrong endpoint is a setup error in
 # about a second instead of a traceback after 20 s of retries.
 MIN_FREE_BYTES = 64 * 1024  # a local OUTPUT with less free space than this counts as full
+S3_LIST_PAGE = 1000  # keys per ListObjectsV2 request (S3's own maximum) when listing folder by folder
 PROBE_CONFIG = {"connect_timeout": 2, "read_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}}
 _S3_PROTOCOLS = frozenset({"s3", "s3a"})
 
@@ -193,6 +194,118 @@ def walk(root: str, *, s3_endpoint: str | None = None) -> tuple[list[FileEntry],
             continue
         files.append(FileEntry(join_uri(root, *rel.split("/")), rel, info.get("size"), _version(info)))
     return sorted(files), sorted(dirs)
+
+
+def iter_folders(root: str, *, s3_endpoint: str | None = None) -> Iterator[tuple[str, list[FileEntry]]]:
+    """The listing of :func:`walk`, one folder at a time: ``(folder, its files)`` for every folder
+    under ``root`` (posix path relative to the root; ``""`` is the root itself), each folder once,
+    after all of its sub-folders, the root last. Empty folders come too (a local directory, an S3
+    ``name/`` marker key). Same uris, sizes and versions as :func:`walk`.
+
+    What is held at once is the files of the folders on the path being listed, not the archive's
+    listing (fsspec's ``find(detail=True)`` builds a dict of every entry first):
+
+    - local: ``os.scandir`` depth first, one ``lstat`` per file (the size and mtime fsspec's ``info`` gives);
+    - S3: one flat ``ListObjectsV2`` page at a time (1000 keys a request, as ``find``): keys come in
+      UTF-8 order, so everything under a folder is contiguous and the folder is complete once the
+      keys leave its prefix;
+    - any other fsspec filesystem: :func:`walk`'s listing, held whole, in the same order.
+    """
+    fs, path = resolve(root, s3_endpoint=s3_endpoint)
+    if is_remote(root):
+        _forget_listings(fs, path)  # listings are taken once per job: always fresh
+    if isinstance(fs, LocalFileSystem):
+        return _local_folders(os.fspath(root), path)
+    if protocol(root) in _S3_PROTOCOLS and hasattr(fs, "call_s3"):
+        items = _s3_entries(root, fs, path)
+    else:
+        files, dirs = walk(root, s3_endpoint=s3_endpoint)
+        items = (item for _, item in sorted([(d + "/", d) for d in dirs] + [(f.relpath, f) for f in files]))
+    return _by_folder(items)
+
+
+def _by_folder(items) -> Iterator[tuple[str, list[FileEntry]]]:
+    """Files and folders (a folder as its relative path) where each folder's contents are
+    contiguous -> ``(folder, files)`` as each folder is complete (after its sub-folders)."""
+    open_: list[tuple[str, list[FileEntry]]] = [("", [])]  # the folders on the current path
+    for item in items:
+        folder, entry = (item, None) if isinstance(item, str) else (item.relpath.rpartition("/")[0], item)
+        while len(open_) > 1 and not (folder == open_[-1][0] or folder.startswith(open_[-1][0] + "/")):
+            yield open_.pop()  # left its prefix: complete
+        top = open_[-1][0]
+        rest = folder[len(top) + 1:] if top else folder
+        for part in rest.split("/") if rest else ():
+            top = f"{top}/{part}" if top else part
+            open_.append((top, []))
+        if entry is not None:
+            open_[-1][1].append(entry)
+    while open_:
+        yield open_.pop()
+
+
+def _local_folders(root: str, path: str) -> Iterator[tuple[str, list[FileEntry]]]:
+    """Depth first with ``os.scandir``: a folder's ``(relative path, files)`` after its sub-folders'.
+    Held: the open folders' files and ``scandir`` iterators, one per level."""
+    join = join_uri if "://" in root else os.path.join  # as join_uri(root, *parts) spells them
+
+    def visit(folder: str, rel: str, uri: str):
+        files = []
+        try:
+            it = os.scandir(folder)
+        except (FileNotFoundError, NotADirectoryError):  # gone since its parent was listed
+            it = None
+        if it is not None:
+            with it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):  # what fsspec calls a directory
+                        sub = f"{rel}/{e.name}" if rel else e.name
+                        yield from visit(e.path, sub, join(uri, e.name))
+                        continue
+                    try:
+                        size, version = _local_size_version(e)
+                    except FileNotFoundError:
+                        continue
+                    files.append(FileEntry(join(uri, e.name), f"{rel}/{e.name}" if rel else e.name,
+                                           size, version))
+        yield rel, files
+
+    if os.path.isdir(path):
+        yield from visit(path, "", root)
+    else:
+        yield "", []
+
+
+def _local_size_version(entry: os.DirEntry) -> tuple[int, str | None]:
+    """Size and version of a scandir entry exactly as :func:`walk` gets them through fsspec's
+    ``LocalFileSystem.info`` (``lstat``; a symlink's size is its target's, its mtime its own), without
+    building fsspec's info dict per file."""
+    st = entry.stat(follow_symlinks=False)
+    size = st.st_size
+    if entry.is_symlink():
+        try:
+            size = entry.stat(follow_symlinks=True).st_size
+        except OSError:
+            size = 0
+    return size, _version({"mtime": st.st_mtime})
+
+
+def _s3_entries(root: str, fs, path: str):
+    """Keys under the prefix, one ListObjectsV2 page at a time, in key order; ``name/`` markers as folders."""
+    bucket, _, key = path.partition("/")
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_LIST_PAGE, **getattr(fs, "req_kw", {})}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        for obj in page.get("Contents", ()):
+            rel = obj["Key"][len(prefix):]
+            if rel.endswith("/"):
+                if rel.strip("/"):
+                    yield rel.strip("/")
+                continue
+            yield FileEntry(join_uri(root, *rel.split("/")), rel, obj.get("Size"), _version(obj))
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _forget_listings(fs: fsspec.AbstractFileSystem, path: str) -> None:

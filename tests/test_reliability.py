@@ -718,6 +718,45 @@ def test_output_folders_inside_input_and_output_equal_input(tmp_path, capsys):
     assert "OUTPUT is INPUT" in capsys.readouterr().err
 
 
+def test_fuse_plans_from_the_streamed_listing_as_from_the_list(tmp_path):
+    """``ray-mff fuse`` plans from discovery's listing table (no Stack object per stack); its manifest
+    is the one the list path writes: same rows, same order, same decisions, OUTPUT's stacks left out."""
+    from ray_mff.methods import get_fuser
+    from ray_mff.stacks import discover_stacks
+
+    src = tmp_path / "in"
+    _stacks(src, 2)
+    _stacks(src / "a b", 1, prefix="k")  # "a b/k00" and "a_b/k00": one id, made unique
+    _stacks(src / "a_b", 1, prefix="k")
+    (src / "notes.txt").write_text("not an image")  # an input error row
+    out = src / "out"
+    _stacks(out, 1, prefix="old")  # images already inside OUTPUT (no manifest yet): not stacks to fuse
+    ref = tmp_path / "ref"
+    args = cli.build_parser().parse_args(["fuse", str(src), str(out), *GUIDED, "--executor", "local"])
+    opts = cli.run_options_from_args(args)
+    opts.recipe_id = runner.recipe_id(cli.fuser_spec_from_args(args), opts)
+    inside = str(out) + os.sep
+    listed = [s for s in discover_stacks(str(src)) if not (s.uris and all(u.startswith(inside) for u in s.uris))]
+    assert {"out", "out__old00"} & {s.id for s in discover_stacks(str(src))}
+    runner.run_local(listed, get_fuser("guided"), str(ref), opts, progress=False)
+    assert _fuse(src, out) == 1  # notes.txt is an error row
+
+    keep = ["stack_id", "source_uris", "source_fingerprint", "status", "error", "error_kind", "n_images",
+            "warning", "recipe_id", "seq"]
+
+    def rows(root):
+        table = manifest.latest_table(str(root)).sort_by("seq")
+        frame = table.select(keep).to_pandas()
+        frame["output"] = [u and os.path.basename(u) for u in table["output_uri"].to_pylist()]
+        return frame.to_dict("records")
+
+    got, want = rows(out), rows(ref)
+    assert [r["stack_id"] for r in got] == ["a_b__k00", "a_b__k00-2", "notes.txt", "s00", "s01"]
+    assert [{**r, "source_uris": list(r["source_uris"])} for r in got] == \
+        [{**r, "source_uris": list(r["source_uris"])} for r in want]
+    assert _fuse(src, out) == 0  # a rerun: everything done (the error waits for its input)
+
+
 def test_read_only_output_is_found_before_fusing(tmp_path, capsys):
     _stacks(tmp_path / "in", 2)
     ro = tmp_path / "ro"

@@ -326,3 +326,101 @@ def test_s3_discovery(s3_server, s3_bucket):
     whole = by_id(discover_stacks(f"s3://{s3_bucket}", s3_endpoint=s3_server))
     assert set(whole) == {"in", "in__v4", "in__notes.txt", "in__empty", "other"}
     assert whole["in"].uris == s["lytro_01"].uris and "warning" in whole["other"].meta
+
+
+# --------------------------------------------------------------------------- streamed listing (archive scale)
+
+MIXED_TREE = ("lytro_01_A.png", "lytro_01_B.png", "notes.txt", "foo_A.png", "foo_B.txt", "solo.png",
+              "scene1/img_1.png", "scene1/img_2.png", "scene1/.hidden.png", "pairs/a_1.png", "pairs/a_2.png",
+              "pairs/b_1.png", "pairs/b_2.png", "container/sub/x_1.png", "container/sub/x_2.png", ".thumbs/t_1.png",
+              "zs/sample.ome.tif", "zs/p_z001.ome.tif", "zs/p_z002.ome.tif", "img.zarr/.zattrs", "img.zarr/0/.zarray",
+              "img.zarr/0/0.0", "plate.zarr/A/1/0/.zarray", "plate.zarr/A/1/labels/0/.zarray",
+              "prev/manifest.parquet/part-0.parquet", "prev/x_1.png", "prev/a/c_1.png", "a b/k_1.png", "a b/k_2.png",
+              "a_b/k_1.png", "a_b/k_2.png", "a_b-2/z.png", "dupidx/f_A.png", "dupidx/f_A.jpg", "mixed/q_1.png",
+              "mixed/notes.md", "deep/er/than/s_10.png", "deep/er/than/s_9.png", "deep/er/w.txt", "v/a.czi",
+              "x/y/manifest.parquet/part.parquet", "x/y/q_1.png", "x/z_1.png", "empty/")
+
+
+def _mixed_tree(root):
+    """Every rule at once: root pattern pairs and strays, folder and pattern sub-folders, single-file
+    stacks (OME-TIFF, vendor, OME-Zarr image and plate), hidden names, earlier outputs (``prev``,
+    ``x/y``), clashing ids (``a b`` / ``a_b`` / ``a_b-2``), duplicate members, empty folders."""
+    for i, name in enumerate(MIXED_TREE):
+        p = root / name
+        if name.endswith("/"):
+            p.mkdir(parents=True, exist_ok=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"x" * i)
+    return root
+
+
+def _upload(root, client, bucket, prefix):
+    for p in sorted(root.rglob("*")):
+        key = f"{prefix}/{p.relative_to(root).as_posix()}"
+        body = b"" if p.is_dir() else p.read_bytes()
+        client.put_object(Bucket=bucket, Key=key + ("/" if p.is_dir() else ""), Body=body)
+
+
+@pytest.mark.parametrize("options", [{}, {"stack_per_file": True}, {"pattern": r"(?P<stack>.+)_(?P<index>\d+)"}])
+def test_streamed_listing_equals_the_list(tmp_path, options):
+    from ray_mff.runner import listing_table
+    from ray_mff.runner import discover_listing
+
+    root = _mixed_tree(tmp_path / "in")
+    stacks = discover_stacks(root, **options)
+    ids = [s.id for s in stacks]
+    assert "img" in ids and not any(i.startswith(("prev", "x__y")) for i in ids)  # earlier outputs left out
+    if not options:  # the built-in rules: every kind of row is there
+        assert {"a_b", "a_b-2", "a_b-3", "x", "zs__sample", "v__a", "empty", "plate__A__1", "notes.txt"} <= set(ids)
+    table = discover_listing(root, **options, chunk=4)  # several batches
+    assert table.equals(listing_table(stacks))
+    leave = discover_listing(root, **options, leave_out=lambda s: "/pairs/" in "".join(s.uris))
+    assert leave["stack_id"].to_pylist() == [i for i in ids if not i.startswith("pairs__")]
+    empty = discover_listing(tmp_path / "in" / "empty")
+    assert empty.equals(listing_table(discover_stacks(tmp_path / "in" / "empty")))
+
+
+def test_folder_listing_equals_walk_locally(tmp_path):
+    from ray_mff import storage
+
+    root = _mixed_tree(tmp_path / "in")
+    (root / "scene1" / "link.png").symlink_to(root / "lytro_01_A.png")  # size: the target's; mtime: its own
+    (root / "linked_dir").symlink_to(root / "pairs")  # fsspec lists a dir symlink as a file, not a folder
+    files, dirs = storage.walk(str(root))
+    folders = list(storage.iter_folders(str(root)))
+    assert sorted(e for _, fs in folders for e in fs) == files
+    assert sorted(f for f, _ in folders if f) == dirs and folders[-1][0] == ""
+    done = set()
+    for folder, _ in folders:  # each folder after all of its sub-folders
+        assert not any(d.startswith(folder + "/") and d not in done for d in dirs if folder)
+        done.add(folder)
+
+
+def test_streamed_listing_on_s3_pages(tmp_path, s3_server, s3_bucket, monkeypatch):
+    import boto3
+
+    from ray_mff import storage
+    from ray_mff.runner import listing_table
+    from ray_mff.runner import discover_listing
+
+    _upload(_mixed_tree(tmp_path / "in"), boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1"),
+            s3_bucket, "in")
+    monkeypatch.setattr(storage, "S3_LIST_PAGE", 7)  # many pages: folders span page boundaries
+    root = f"s3://{s3_bucket}/in"
+    files, dirs = storage.walk(root, s3_endpoint=s3_server)
+    folders = list(storage.iter_folders(root, s3_endpoint=s3_server))
+    assert sorted(e for _, fs in folders for e in fs) == files
+    assert sorted(f for f, _ in folders if f) == dirs and folders[-1][0] == ""
+    local = discover_stacks(tmp_path / "in")
+    remote = discover_stacks(root, s3_endpoint=s3_server)
+    assert [s.id for s in remote] == [s.id for s in local]
+    assert discover_listing(root, s3_endpoint=s3_server, chunk=5).equals(listing_table(remote))
+
+
+def test_natural_sort_text_sorts_as_natural_key():
+    from ray_mff.stacks import natural_sort_text
+
+    names = ["a", "B", "b", "z10", "z2", "z02", "z2a", "Z2", "img10_b", "img2_c", "img2_a", "0", "00", "01", "1",
+             "x-2", "x", "x-10", "x_2", "ß", "SS", "ss", "a1b2", "a1b", "a01b", "é", "E", "", "9" * 30, "99", "a.b"]
+    assert sorted(names, key=natural_sort_text) == sorted(names, key=natural_key)
