@@ -15,6 +15,12 @@ For every engine available here it prints one table row:
 - **peak memory**: GPU memory torch allocated at most (TensorRT's context memory and features are
   torch tensors; ONNX Runtime's own CUDA arena is not counted), or peak RSS on ``--device cpu``.
 
+Then the default model, which is stack-native (``--stack-model``, default ``stacknet_s``): its
+:class:`~ray_mff.fusion.stack_fuser.StackFuser` on torch (the engine ``--engine auto`` picks on a
+GPU node; no TensorRT plans for stack models yet) against the same fuser on ONNX Runtime CPU:
+fp32 parity on the same Lytro pairs and triples (every pixel within 1 grey level), the
+stack_v4 wall time and peak memory.
+
 The last line is ``gpu_check: OK`` or ``gpu_check: FAIL <reason>`` (exit 0 / 1).
 
     python bench/gpu_check.py                       # GPU node: tensorrt fp32/fp16, torch cuda fp32/fp16, onnxruntime-cuda
@@ -137,6 +143,39 @@ def _pairs_per_second(engine, pairs: list[list[np.ndarray]], batch: int, min_sec
             return n * batch / elapsed
 
 
+def _stack_model_row(name: str, device: str, stacks, size, stack_paths, data) -> tuple[list, list[str]]:
+    """(label, status, parity, stack_v4, peak memory) for a stack-native model: StackFuser on torch ``device`` vs on ONNX Runtime
+    CPU (fp32: every pixel within FP32_MAX_GREY), stack_v4 time and peak memory; and failures."""
+    import torch
+
+    from ray_mff.engines.stack_engine import StackTorchEngine, make_stack_engine
+    from ray_mff.fusion.stack_fuser import StackFuser
+    from ray_mff.models import get_model
+
+    net = get_model(name)
+    reference, candidate = StackFuser(make_stack_engine(net, engine="onnx")), \
+        StackFuser(StackTorchEngine(net, device=device))
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
+    worst, total, beyond = 0, 0, 0
+    for _, paths in stacks:
+        images = _downsize([io.read_image(q) for q in paths], size)
+        diff = np.abs(candidate.fuse(images).fused.astype(np.int16) - reference.fuse(images).fused.astype(np.int16))
+        worst, total, beyond = max(worst, int(diff.max())), total + diff.size, beyond + int((diff > 1).sum())
+    ok = worst <= FP32_MAX_GREY
+    parity = f"max {worst}, {100 * (1 - beyond / max(1, total)):.3f}% <=1"
+    if stack_paths:
+        images = _downsize([io.read_image(q) for q in stack_paths], size)
+        candidate.fuse(images[:2])  # warm-up (cuDNN autotune)
+        t0 = time.perf_counter()
+        candidate.fuse(images)
+        stack = f"{time.perf_counter() - t0:.2f} s ({len(stack_paths)} img)"
+    else:
+        stack = "no data" if data is None else "skipped"
+    row = [f"{name} torch-{device} fp32", "ok" if ok else "FAIL", parity, stack, _peak_memory(device)]
+    return row, ([] if ok else [f"{name} on torch {device} parity {parity}"])
+
+
 def _peak_memory(device: str) -> str:
     if device == "cpu":
         return f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
@@ -148,7 +187,9 @@ def _peak_memory(device: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (GPU engines) or cpu (CPU engines: a smoke run)")
-    p.add_argument("--model", default="cascade")
+    p.add_argument("--model", default="cascade", help="pair model for the engine rows")
+    p.add_argument("--stack-model", default="stacknet_s",
+                   help="stack-native model checked through StackFuser on torch ('' = skip)")
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"), help="folder with lytro/, lytro_triple/, stack_v4/")
     p.add_argument("--limit", type=int, default=None, help="only the first N pairs (and N // 2 triples)")
     p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE (faster CPU runs)")
@@ -213,6 +254,12 @@ def main(argv=None) -> int:
         del eng
         if device != "cpu":
             torch.cuda.empty_cache()
+    stack_row = _stack_model_row(args.stack_model, device, stacks, args.size, stack_paths, data) \
+        if args.stack_model else None
+    if stack_row is not None:  # no pairs/s: fuse_batch is the pair models' batched path
+        label, status, parity, stack, peak = stack_row[0]
+        rows.append([label, status, parity] + ["-"] * len(batches) + [stack, peak])
+        failures += stack_row[1]
     for note in notes:
         print(note)
     if not rows:

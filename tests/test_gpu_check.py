@@ -21,3 +21,5 @@ def test_gpu_check_device_cpu_passes(tmp_path):
     assert proc.returncode == 0 and lines[-1] == "gpu_check: OK"
     table = "\n".join(lines)
     assert "torch fp32" in table and "onnx fp16" in table and "pairs/s b2" in table and "stack_v4" in table
+    row = next(line for line in lines if line.startswith("stacknet_s torch-cpu fp32"))  # the default model
+    assert row.split()[3] == "ok"
