@@ -226,3 +226,50 @@ def test_onnxruntime_iobinding_keeps_features_in_torch_tensors(models, tmp_path)
     batched = ModelFuser(bound, batch_stacks=True).fuse_batch(pairs)
     for got, images in zip(batched, pairs):
         _assert_same(got, ModelFuser(plain).fuse(images))
+
+
+# -- stack-native models (the default): StackFuser keeps features on the device --------------------
+
+
+class StackDeviceStandIn:
+    """Stack-engine protocol on CPU torch whose features are :class:`DeviceTensor` s, as
+    :class:`~ray_mff.engines.stack_engine.StackTorchEngine` returns them on CUDA."""
+
+    name, precision, device = "stack-device-stand-in", "fp32", "cuda:0"
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.stride = int(model.stride)
+        self.model_name = model.registry_name
+        self.decide_calls = 0
+
+    def encode(self, y):
+        with torch.inference_mode():
+            return self.model.encode(DeviceStandIn._host(y)).as_subclass(DeviceTensor)
+
+    def decide_stack(self, feats, y, fused=True):
+        assert isinstance(feats, DeviceTensor), f"features left the device: got {type(feats).__name__}"
+        self.decide_calls += 1
+        with torch.inference_mode():
+            f, yy = feats.as_subclass(torch.Tensor)[None], DeviceStandIn._host(y)[None]
+            if not fused:
+                logit, w = self.model.decide_weights(f, yy)
+                return logit[0].numpy(), w[0].numpy(), None
+            logit, w, out = self.model.decide_stack(f, yy)
+        return logit[0].numpy(), w[0].numpy(), out.numpy()
+
+
+@pytest.mark.parametrize("n, options", [(2, {}), (4, {}), (7, {"chunk": 3}), (7, {"chunk": 3, "correction": True}),
+                                        (5, {"calibration": False, "correction": True})])
+def test_stack_fuser_keeps_features_on_the_device(n, options):
+    from ray_mff.engines.stack_engine import StackTorchEngine
+    from ray_mff.fusion.stack_fuser import StackFuser
+
+    torch.manual_seed(0)
+    net = get_model("stacknet_s", weights=None)
+    stack = _stack(n)
+    device = StackDeviceStandIn(net)
+    on_device = StackFuser(device, **options).fuse(stack)
+    on_cpu = StackFuser(StackTorchEngine(net), **options).fuse(stack)
+    assert device.decide_calls >= 1
+    assert np.array_equal(on_device.fused, on_cpu.fused) and np.allclose(on_device.weights, on_cpu.weights)

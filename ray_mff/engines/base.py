@@ -110,6 +110,21 @@ def repeat_batch(x, b: int):
     raise TypeError(f"cannot repeat engine features of type {type(x).__name__} (numpy or torch expected)")
 
 
+def concat_batch(parts):
+    """Concatenate engine features along the batch axis on their own device: ``np.concatenate``
+    for numpy, ``torch.cat`` for tensors (CUDA tensors, which numpy cannot convert)."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts, axis=0)
+    import torch
+
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts, dim=0)
+    raise TypeError(f"cannot concatenate engine features of types {sorted({type(p).__name__ for p in parts})}")
+
+
 def crop_to(x, h: int, w: int):
     """Crop the last two axes of an array or tensor back to (h, w) (undoes :func:`pad_to_multiple`)."""
     if x.shape[-2] == h and x.shape[-1] == w:

@@ -47,15 +47,23 @@ class StackTorchEngine:
         self.stride = int(getattr(model, "stride", 1))
         self.model_name = getattr(model, "registry_name", None)
 
-    def encode(self, y: np.ndarray) -> np.ndarray:
-        with self.torch.no_grad():
-            return self.model.encode(self.torch.from_numpy(np.ascontiguousarray(y)).to(self.device)).cpu().numpy()
+    def _on_device(self, x):
+        if isinstance(x, self.torch.Tensor):
+            return x.to(self.device)
+        return self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
 
-    def decide_stack(self, feats: np.ndarray, y: np.ndarray, fused: bool = True):
-        t = self.torch
-        with t.no_grad():
-            f = t.from_numpy(np.ascontiguousarray(feats)).to(self.device)[None]
-            yy = t.from_numpy(np.ascontiguousarray(y)).to(self.device)[None]
+    def encode(self, y: np.ndarray):
+        """Features stay on the engine's device: numpy on CPU, a torch tensor on CUDA (handed back
+        to :meth:`decide_stack` as they are; the fuser concatenates them with
+        :func:`ray_mff.engines.base.concat_batch`)."""
+        with self.torch.inference_mode():
+            f = self.model.encode(self._on_device(y))
+        return f.numpy() if self.device == "cpu" else f
+
+    def decide_stack(self, feats, y: np.ndarray, fused: bool = True):
+        """Logits, weights (and the fused luminance) come back to the host as numpy."""
+        with self.torch.inference_mode():
+            f, yy = self._on_device(feats)[None], self._on_device(y)[None]
             if not fused:
                 logit, w = self.model.decide_weights(f, yy)
                 return logit[0].cpu().numpy(), w[0].cpu().numpy(), None

@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ray_mff.engines.base import crop_to, describe_engine, pad_to_multiple
+from ray_mff.engines.base import concat_batch, crop_to, describe_engine, pad_to_multiple
 from ray_mff.fusion.decision import check_stack, keep_full_weights, nonzero_windows
 from ray_mff.fusion.luminance import from_unit_float, luminance, to_unit_float
 from ray_mff.fusion.result import FusionResult
@@ -175,8 +175,9 @@ class StackFuser:
 
     def _encode(self, ys: list[np.ndarray]) -> np.ndarray:
         per_call = max(1, ENCODE_PIXELS // int(ys[0].shape[-2] * ys[0].shape[-1]))
-        return np.concatenate([self.engine.encode(np.concatenate(ys[i:i + per_call], axis=0))
-                               for i in range(0, len(ys), per_call)], axis=0)
+        # features stay engine-native (numpy, or device tensors of a GPU engine): concat_batch
+        return concat_batch([self.engine.encode(np.concatenate(ys[i:i + per_call], axis=0))
+                             for i in range(0, len(ys), per_call)])
 
     def _decide(self, feats: np.ndarray, ys: list[np.ndarray], h: int, w: int):
         """One pass of the joint (or decision) graph -> (logits (M, H, W), weights (M, H, W),
@@ -206,7 +207,7 @@ class StackFuser:
         for i in range(0, len(others), chunk - 1):
             part = others[i:i + chunk - 1]
             ys = [self._prep(luminance(images[k])) for k in part]
-            logit, _, correction = self._decide(np.concatenate([f_ref, self._encode(ys)], axis=0), [y_ref] + ys, h, w)
+            logit, _, correction = self._decide(concat_batch([f_ref, self._encode(ys)]), [y_ref] + ys, h, w)
             rel = logit - logit[:1]  # s_k = l_k - l_ref, on the scale every chunk shares; s_ref = 0
             # the reference is scored once (0); a later chunk's correction is kept where one of its
             # own images leads (where the reference leads, the first chunk's stays)
