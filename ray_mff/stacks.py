@@ -465,6 +465,7 @@ class Discovery:
                 if z == len(parts) - 1:
                     entries = [e for e in zarr.pop(store) if not self._under_output(e.relpath)]
                     yield from _single_file_stacks(entries, self.stack_per_file)[0]
+                    has_child.add(store.rpartition("/")[0])  # its folder holds a stack: not an empty one
                 continue
             if any(p.startswith(".") for p in parts):
                 continue  # hidden folders are ignored
@@ -475,7 +476,7 @@ class Discovery:
                            if e.relpath not in claimed), key=lambda f: natural_key(f.name))
             if rest:
                 yield from _folder_stacks(folder, rest, root, namer)
-            elif folder and folder not in has_child:  # a leaf folder with no files: an empty stack folder
+            elif folder and folder not in has_child and not single:  # a leaf folder with no stack at all
                 yield from _folder_stacks(folder, [], root, namer)
             if folder:
                 has_child.discard(folder)

@@ -424,3 +424,21 @@ def test_natural_sort_text_sorts_as_natural_key():
     names = ["a", "B", "b", "z10", "z2", "z02", "z2a", "Z2", "img10_b", "img2_c", "img2_a", "0", "00", "01", "1",
              "x-2", "x", "x-10", "x_2", "ß", "SS", "ss", "a1b2", "a1b", "a01b", "é", "E", "", "9" * 30, "99", "a.b"]
     assert sorted(names, key=natural_sort_text) == sorted(names, key=natural_key)
+
+
+def test_a_folder_holding_only_single_file_stacks_is_not_empty(tmp_path):
+    """x/a.ome.tif (or a vendor file, or an OME-Zarr store) is a stack of its own; its folder is no
+    "empty folder" error row beside it (a nightly run exited 1 for it). A truly empty folder still is."""
+    from ray_mff.runner import discover_listing
+
+    for name in ("x/a.ome.tif", "v/c.czi", "w/b.zarr/.zattrs", "w/b.zarr/0/.zarray", "w/b.zarr/0/0.0", "empty/"):
+        p = tmp_path / "in" / name
+        if name.endswith("/"):
+            p.mkdir(parents=True)
+        else:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"x")
+    stacks = {s.id: s for s in discover_stacks(tmp_path / "in")}
+    assert set(stacks) == {"x__a", "v__c", "w__b", "empty"}
+    assert [i for i, s in stacks.items() if s.meta.get("error")] == ["empty"]
+    assert sorted(discover_listing(tmp_path / "in")["stack_id"].to_pylist()) == sorted(stacks)
