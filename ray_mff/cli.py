@@ -179,9 +179,9 @@ def check_correction(spec: dict) -> None:
     if not spec.get("correction"):
         return
     from ray_mff.methods import CLASSICAL_METHODS
-    from ray_mff.models import build_model
+    from ray_mff.models import is_stack_native
 
-    if spec["name"] in CLASSICAL_METHODS or not hasattr(build_model(spec["name"]), "decide_stack"):
+    if spec["name"] in CLASSICAL_METHODS or not is_stack_native(spec["name"]):
         raise SetupError(f"--correction on: method {spec['name']!r} has no fused-result branch "
                          "(stack-native models only: stacknet, stacknet_s)")
 
@@ -529,10 +529,10 @@ def cmd_export(args) -> int:
     from pathlib import Path
 
     from ray_mff.export import export_onnx
-    from ray_mff.models import build_model
+    from ray_mff.models import is_stack_native
 
     out = Path(args.out)
-    if hasattr(build_model(args.model), "decide_stack"):
+    if is_stack_native(args.model):
         return _export_stack(args, out)
     if args.export_format == "tensorrt":
         # fail before any work if TensorRT cannot run here: one clear line, exit 2 (main)

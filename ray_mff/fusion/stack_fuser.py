@@ -124,10 +124,11 @@ class _SoftmaxFusion:
                 self.scores[k] = s
         self.top = new_top
 
-    def fused(self, with_correction: bool) -> np.ndarray:
+    def fused(self) -> np.ndarray:
+        """A / S, plus the correction when the chunks brought one (``StackFuser(correction=True)``)."""
         out = self.acc
         out /= self.total[..., None] if self.colour else self.total
-        if with_correction and self.correction is not None:
+        if self.correction is not None:
             out += self.correction[..., None] if self.colour else self.correction
         return from_unit_float(out, np.asarray(self.images[0]).dtype)  # integers rounded and clipped
 
@@ -237,7 +238,7 @@ class StackFuser:
             self._calibrated(images, h, w, ref, chunk, out)
             weights = out.weights()
             mode = "calibrated"
-        fused = out.fused(self.correction)
+        fused = out.fused()
         desc = describe_engine(self.engine)
         stats = {"engine": desc.get("engine", "?"), "precision": desc.get("precision", "fp32"),
                  "device": desc.get("device", "cpu"), "calibration": mode, "reference": ref, "chunk": chunk,
@@ -253,9 +254,9 @@ def stack_fuser_for(name: str, *, engine: str = "auto", precision: str = "fp32",
     ``decide_stack``), else None (a pair model: :class:`ray_mff.fusion.model_fuser.ModelFuser`)."""
     from ray_mff.engines.stack_engine import make_stack_engine
     from ray_mff.errors import EngineUnavailableError
-    from ray_mff.models import build_model
+    from ray_mff.models import is_stack_native
 
-    if not hasattr(build_model(name), "decide_stack"):
+    if not is_stack_native(name):
         return None
     if precision != "fp32":
         raise EngineUnavailableError(f"stack-native model {name!r} runs in fp32 only (asked for {precision})")

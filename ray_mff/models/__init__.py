@@ -15,9 +15,10 @@ Example::
 from __future__ import annotations
 
 from ray_mff.models.registry import (DEFAULT_MODEL, WEIGHTS_DIR, build_model, default_weights_path, get_model,
-                                     list_models, load_weights, read_metadata, register_model, save_weights)
+                                     is_stack_native, list_models, load_weights, read_metadata, register_model,
+                                     save_weights)
 # the architectures: importing each runs its @register_model (add new architectures here)
 from ray_mff.models import cascade, cnn_classifier, mscnn, ssim_net, stacknet  # noqa: E402,F401  isort: skip
 
-__all__ = ["register_model", "get_model", "build_model", "list_models", "save_weights", "load_weights",
+__all__ = ["register_model", "get_model", "build_model", "list_models", "is_stack_native", "save_weights", "load_weights",
            "read_metadata", "default_weights_path", "DEFAULT_MODEL", "WEIGHTS_DIR"]

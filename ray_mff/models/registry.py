@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["register_model", "get_model", "list_models", "save_weights", "load_weights",
+__all__ = ["register_model", "get_model", "list_models", "is_stack_native", "save_weights", "load_weights",
            "read_metadata", "default_weights_path", "DEFAULT_MODEL"]
 
 #: the model ``ray-mff fuse`` uses when none is named.
@@ -66,6 +66,16 @@ def build_model(name: str, **config: Any) -> nn.Module:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**config)
+
+
+def is_stack_native(name: str) -> bool:
+    """True for models that see the whole stack at once (``decide_stack``: run by
+    :class:`ray_mff.fusion.stack_fuser.StackFuser`), False for pair models. A registered class is
+    asked directly; a function builder is built once to find out."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    builder = _REGISTRY[name]
+    return hasattr(builder if isinstance(builder, type) else builder(), "decide_stack")
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None, *,
