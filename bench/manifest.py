@@ -10,8 +10,8 @@ Each planner then runs in a fresh process of its own; "peak MiB" is that process
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the interpreter, pyarrow and everything it built,
 not only the planner):
 
-- **arrow**: the stacks come as a listing table (``runner.listing_table`` fed by a generator of
-  Stack objects, 64k at a time: "listing s", not in "plan s" but in the peak), then
+- **arrow**: the stacks come as a :class:`ray_mff.listing.Listing` (``listing.listing_of`` fed by a
+  generator of Stack objects, compressed 64k at a time: "listing s", not in "plan s" but in the peak), then
   ``runner.plan_stacks`` (timed: read the manifest's plan columns through pyarrow.dataset, newest
   row per stack, one names-only listing of OUTPUT into an Arrow array, the decisions as Arrow and
   numpy columns, Stack objects made for the stacks to fuse only);
@@ -27,9 +27,9 @@ real folder tree of N stack folders (``s0000042/s0000042_A.png``, ``_B.png``: 2N
 and sizes are all discovery reads), OUTPUT as above with the manifest's fingerprints taken from that
 tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh process:
 
-- **table** (``ray-mff fuse`` now): ``runner.discover_listing(INPUT, leave_out=cli._in_output(...))``
-  ("discover s": the folder-by-folder listing, the discovery rules, the listing table, ids made
-  unique, natural order), then ``runner.plan_stacks(table, OUTPUT, ...)`` ("plan s"), as
+- **listing** (``ray-mff fuse`` now): ``listing.discover_listing(INPUT, leave_out=cli._in_output(...))``
+  ("discover s": the folder-by-folder listing, the discovery rules, the compressed listing, ids
+  made unique, natural order), then ``runner.plan_stacks(listing, OUTPUT, ...)`` ("plan s"), as
   ``cli.run_fuse`` -> ``runner.run_local``/``pipeline.run_pipeline`` call them (the storage probes,
   the lease and fusing itself are not in it);
 - **list** (the baseline, the path before this change): ``stacks.discover_stacks`` (a list of N
@@ -132,7 +132,7 @@ def build_e2e(root: Path, n: int) -> None:
 
 def measure_e2e(root: Path, n: int, path: str) -> dict:
     """One path of ``ray-mff fuse`` before fusing: discovery of INPUT, then planning against OUTPUT."""
-    from ray_mff import cli, runner, storage, stacks
+    from ray_mff import cli, listing, runner, storage, stacks
 
     src, out = str(root / "in"), str(root / "out")
     opts = runner.RunOptions(recipe_id="recipe")
@@ -140,12 +140,12 @@ def measure_e2e(root: Path, n: int, path: str) -> dict:
     if path == "find":
         files, _ = storage.walk(src)
         return {"discover_s": time.perf_counter() - t0, "peak_mib": _peak_mib(), "files": len(files)}
-    if path == "table":
-        listing = runner.discover_listing(src, leave_out=cli._in_output(src, out))
+    if path == "listing":
+        found = listing.discover_listing(src, leave_out=cli._in_output(src, out))
     else:
-        listing = stacks.discover_stacks(src)
+        found = stacks.discover_stacks(src)
     t1 = time.perf_counter()
-    plan = runner.plan_stacks(listing, out, opts)
+    plan = runner.plan_stacks(found, out, opts)
     t2 = time.perf_counter()
     return {"discover_s": t1 - t0, "plan_s": t2 - t1, "peak_mib": _peak_mib(), "todo": [s.id for s in plan.todo],
             "reasons": plan.reasons, "skipped": plan.n_skipped}
@@ -166,13 +166,13 @@ def stack(i: int):
 
 
 def measure(root: Path, n: int, planner: str) -> dict:
-    from ray_mff import manifest, runner
+    from ray_mff import listing, manifest, runner
 
     opts = runner.RunOptions(recipe_id="recipe")
     out = str(root / "out")
     t0 = time.perf_counter()
     if planner == "arrow":
-        stacks = runner.listing_table(stack(i) for i in range(n))
+        stacks = listing.listing_of(stack(i) for i in range(n))
     else:
         stacks = [stack(i) for i in range(n)]  # what discovery hands the planner today
     listing_s = time.perf_counter() - t0
@@ -289,16 +289,16 @@ def planners(sizes: list[int], baseline_max: int) -> None:
 def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
     print("end to end, ray-mff fuse before fusing: discovery of a real INPUT tree (N folders, 2N files) + the plan "
           "against OUTPUT's N-row manifest; each path once in a fresh process; peak = its peak RSS")
-    print(f"{'stacks':>9}  {'table: discover s':>17}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
+    print(f"{'stacks':>9}  {'listing: discover s':>19}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
           f"{'list: discover s':>16}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
           f"{'find: s':>7}  {'peak MiB':>8}  {'to do':>6}  same")
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="mff-bench-e2e-", dir=tmp_root) as tmp:
             _child(tmp, n, "build-e2e")
-            t, b = (_child(tmp, n, f"e2e-{path}") for path in ("table", "list"))
+            t, b = (_child(tmp, n, f"e2e-{path}") for path in ("listing", "list"))
             f = _child(tmp, n, "e2e-find") if n <= find_max else {"discover_s": float("nan"), "peak_mib": float("nan")}
         same = t["todo"] == b["todo"] and t["reasons"] == b["reasons"] and t["skipped"] == b["skipped"]
-        print(f"{n:>9}  {t['discover_s']:>17.2f}  {t['plan_s']:>6.2f}  {t['discover_s'] + t['plan_s']:>7.2f}  "
+        print(f"{n:>9}  {t['discover_s']:>19.2f}  {t['plan_s']:>6.2f}  {t['discover_s'] + t['plan_s']:>7.2f}  "
               f"{t['peak_mib']:>8.0f}  {b['discover_s']:>16.2f}  {b['plan_s']:>6.2f}  "
               f"{b['discover_s'] + b['plan_s']:>7.2f}  {b['peak_mib']:>8.0f}  {f['discover_s']:>7.2f}  "
               f"{f['peak_mib']:>8.0f}  {len(t['todo']):>6}  {'yes' if same else 'NO'}", flush=True)

@@ -279,7 +279,8 @@ def run_fuse(args):
     """
     from ray_mff import lease, manifest, storage
     from ray_mff.methods import get_fuser
-    from ray_mff.runner import discover_listing, recipe_id, run_local
+    from ray_mff.listing import discover_listing
+    from ray_mff.runner import recipe_id, run_local
 
     if args.s3_endpoint:
         storage.set_s3_endpoint(args.s3_endpoint)
@@ -287,10 +288,11 @@ def run_fuse(args):
         raise SetupError(f"{args.output}: OUTPUT is INPUT; fused images would mix with the stacks "
                          f"(use a sub-folder such as {storage.join_uri(args.input, 'fused')})")
     storage.probe(args.input)
-    # the listing as Arrow columns, built folder by folder: a million stacks plan in well under 1 GB
+    # ids and fingerprints as Arrow columns, the stacks compressed, built folder by folder: a million
+    # stacks are discovered and planned in well under 1 GB
     stacks = discover_listing(args.input, pattern=args.pattern, stack_per_file=args.stack_per_file,
                               leave_out=_in_output(args.input, args.output))
-    if not stacks.num_rows:
+    if not len(stacks):
         return None
     storage.probe(args.output, write=True)  # after discovery: a new OUTPUT inside INPUT is no empty stack
     spec = fuser_spec_from_args(args)
@@ -300,8 +302,8 @@ def run_fuse(args):
     opts.recipe_id = recipe_id(spec, opts)
     executor, why = args.executor, "asked for"
     if executor == "auto":
-        executor, why = choose_executor(stacks.num_rows, spec, args.ray_address)
-    log.info("%d stacks in %s; method %s; executor %s (%s)", stacks.num_rows, args.input, spec["name"], executor, why)
+        executor, why = choose_executor(len(stacks), spec, args.ray_address)
+    log.info("%d stacks in %s; method %s; executor %s (%s)", len(stacks), args.input, spec["name"], executor, why)
     run_id = manifest.new_run_id()
     with lease.acquire(args.output, run_id, wait=getattr(args, "wait", False)) as held:
         if executor == "ray":
@@ -351,7 +353,7 @@ def _in_output(input_root: str, output_root: str):
     """Which stacks lie inside OUTPUT, for when OUTPUT is under INPUT (``s3://a`` -> ``s3://a/fused``):
     our own fused images and manifest parts are not new stacks to fuse every night. None when no
     stack can (OUTPUT is not under INPUT); else a test on a stack (it has uris, all inside OUTPUT),
-    for :func:`ray_mff.runner.discover_listing`'s ``leave_out``. Decided once on the resolved paths,
+    for :func:`ray_mff.listing.discover_listing`'s ``leave_out``. Decided once on the resolved paths,
     then per stack by the uris' prefix in INPUT's spelling (discovery spells every uri as
     ``join_uri(INPUT, relative path)``), not by resolving every uri."""
     from ray_mff import storage

@@ -175,7 +175,8 @@ def _order_keys(table: pa.Table) -> list[tuple[str, str]]:
 def _last_per_stack(table: pa.Table) -> pa.Table:
     """Rows sorted by stack then age -> the last (newest) row of each stack. Old rows without
     ``seq`` sort first (nulls first), so they are older than any sequenced row. Only the sort keys
-    are sorted; the rows kept are taken from ``table`` once (no sorted copy of every row)."""
+    are sorted; the rows kept are taken from ``table`` once (no sorted copy of every row), column by
+    column, each original column released as its copy is made."""
     if table.num_rows == 0:
         return table
     keys = _order_keys(table)
@@ -186,7 +187,13 @@ def _last_per_stack(table: pa.Table) -> pa.Table:
     if n > 1:
         last[:-1] = pc.not_equal(sid.slice(0, n - 1), sid.slice(1)).to_numpy(zero_copy_only=False)
     del sid
-    return table.take(order.filter(pa.array(last)))
+    keep = order.filter(pa.array(last))
+    del order
+    columns = {}
+    for name in table.column_names:  # column by column: one column's copy alive at a time, not the table's
+        columns[name] = table[name].take(keep)
+        table = table.drop_columns([name])
+    return pa.table(columns)
 
 
 PLAN_COLUMNS = ["stack_id", "source_fingerprint", "recipe_id", "status", "error_kind", "error", "output_uri"]

@@ -67,6 +67,7 @@ import pyarrow as pa
 
 from ray_mff import io, manifest, runner, sinks, storage
 from ray_mff.errors import EmptyStackError, EngineUnavailableError, MFFError
+from ray_mff.listing import Listing, stack_from_json, stack_json
 from ray_mff.runner import RunOptions, RunSummary, _base_row, _utc_now, process_stack
 from ray_mff.stacks import Stack
 
@@ -78,15 +79,15 @@ log = logging.getLogger("ray_mff")
 
 def stack_to_item(stack: Stack) -> dict:
     """A Stack as a Ray Data row of plain strings: ``stack_id`` and the stack as JSON
-    (:func:`ray_mff.runner.stack_json`).
+    (:func:`ray_mff.listing.stack_json`).
 
     JSON rather than list columns keeps the input free of ragged object arrays (which Ray Data
     would turn into tensor extension types) and round-trips ``meta`` (sizes, warnings, errors).
     """
-    return {"stack_id": stack.id, "stack": runner.stack_json(stack)}
+    return {"stack_id": stack.id, "stack": stack_json(stack)}
 
 
-stack_from_item = runner.stack_from_json
+stack_from_item = stack_from_json
 
 
 def _jsonable(value):
@@ -709,7 +710,7 @@ def _estimates(stacks: list[Stack]) -> list[int]:
 
 
 def run_pipeline(
-    stacks: "list[Stack] | pa.Table",
+    stacks: "list[Stack] | Listing",
     fuser_spec: dict,
     output_root: str,
     opts: RunOptions,
@@ -734,7 +735,7 @@ def run_pipeline(
     """Fuse ``stacks`` on Ray Data; write images and manifest parts under ``output_root``.
 
     Args:
-        stacks: the job's stack list (``discover_stacks``) or listing table (``discover_listing``,
+        stacks: the job's stack list (``discover_stacks``) or :class:`ray_mff.listing.Listing` (``discover_listing``,
             what ``ray-mff fuse`` passes: Stack objects are made for the stacks to fuse only);
             stacks already done are skipped (:func:`ray_mff.runner.plan_run`, ``opts.force`` redoes them).
         fuser_spec: keyword arguments for :func:`ray_mff.methods.get_fuser`, e.g.

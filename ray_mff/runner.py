@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 from ray_mff import io, lease, manifest, sinks, storage, zstack
 from ray_mff.align import AlignedPlanes, AlignOptions, align_stack
 from ray_mff.errors import EmptyStackError, EngineUnavailableError, MFFError
-from ray_mff.stacks import Discovery, Stack, natural_sort_text, unique_ids
+from ray_mff.listing import Listing
+from ray_mff.stacks import Stack
 
 log = logging.getLogger("ray_mff")
 
@@ -482,133 +483,6 @@ def _utc_now():
 # ------------------------------------------------------------------------------- planning
 
 
-def stack_json(stack: Stack) -> str:
-    """A Stack as one JSON string (uris and meta round-trip): a listing row, a Ray Data item."""
-    payload = {"id": stack.id, "uris": list(stack.uris), "meta": stack.meta}
-    return json.dumps(payload, default=_jsonable)
-
-
-def stack_from_json(text: str) -> Stack:
-    d = json.loads(text)
-    meta = {k: tuple(v) if isinstance(v, list) else v for k, v in d["meta"].items()}
-    return Stack(d["id"], tuple(d["uris"]), meta)
-
-
-def _jsonable(value):
-    return value.item() if isinstance(value, np.generic) else str(value)
-
-
-LISTING_SCHEMA = pa.schema([("stack_id", pa.string()), ("source_fingerprint", pa.string()), ("stack", pa.string())])
-
-
-def listing_table(stacks: Iterable[Stack], chunk: int = 65536) -> pa.Table:
-    """Stacks as Arrow columns (``stack_id``, ``source_fingerprint``, ``stack`` as JSON), built
-    ``chunk`` stacks at a time from any iterable, so an archive's listing never has to exist as
-    Python objects all at once: :func:`plan_stacks` takes it and makes :class:`Stack` objects only
-    for the stacks it will fuse."""
-    batches, ids, fps, texts = [], [], [], []
-
-    def cut():
-        batches.append(pa.record_batch([pa.array(ids, pa.string()), pa.array(fps, pa.string()),
-                                        pa.array(texts, pa.string())], schema=LISTING_SCHEMA))
-        ids.clear(), fps.clear(), texts.clear()
-
-    for stack in stacks:
-        ids.append(stack.id)
-        fps.append(source_fingerprint(stack))
-        texts.append(stack_json(stack))
-        if len(ids) >= chunk:
-            cut()
-    if ids or not batches:
-        cut()
-    return pa.Table.from_batches(batches, schema=LISTING_SCHEMA)
-
-
-def discover_listing(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None,
-                     stack_per_file: bool = False, leave_out: Callable[[Stack], bool] | None = None,
-                     chunk: int = 65536) -> pa.Table:
-    """:func:`ray_mff.stacks.discover_stacks` as the listing table the planner takes (:data:`LISTING_SCHEMA`:
-    ``stack_id``, ``source_fingerprint``, the stack as JSON), the same rows in the same order, built
-    while the listing streams in (:func:`ray_mff.storage.iter_folders`, folder by folder), ``chunk``
-    rows at a time: no list of Stack objects or of the archive's files is ever held, so a million
-    stacks are discovered and planned in well under 1 GB (``bench/manifest.py``).
-
-    ``leave_out``: stacks for which it is true are dropped once ids are unique (``ray-mff fuse``:
-    stacks inside an OUTPUT that lies under INPUT). Ids are made unique (:func:`ray_mff.stacks.unique_ids`, on the
-    few clashing rows only) and rows sorted with :func:`ray_mff.stacks.natural_sort_text` as Arrow columns.
-    """
-    found = Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file)
-    rows = _ListingRows(leave_out)
-    batches = []
-    for stack in found:
-        rows.add(stack)
-        if rows.count >= chunk:
-            batches.append(rows.cut())
-    batches.append(rows.cut())
-    table = pa.Table.from_batches(batches, schema=_ListingRows.SCHEMA)
-    del batches
-    for out in sorted(found.outputs):  # earlier OUTPUTs under the root: known once the walk is done
-        folder = table["folder"]
-        table = table.filter(pc.invert(pc.or_(pc.equal(folder, out[:-1]), pc.starts_with(folder, out))))
-    if table.num_rows == 0:
-        rows.add(found.empty_root())
-        table = pa.Table.from_batches([rows.cut()], schema=_ListingRows.SCHEMA)
-    table = _unique_rows(table, rows)
-    if pc.any(table["leave"]).as_py():
-        table = table.filter(pc.invert(table["leave"]))
-    order = pc.sort_indices(table, [("sort_key", "ascending"), ("stack_id", "ascending")])
-    table = table.select(LISTING_SCHEMA.names)
-    columns = {}
-    for name in LISTING_SCHEMA.names:  # column by column: one column's copy alive at a time, not the table's
-        columns[name] = table[name].take(order)
-        table = table.drop_columns([name])
-    del table
-    # Arrow's allocator (mimalloc) keeps what the batches and the unsorted columns freed; hand it back
-    # before planning allocates its own (200k stacks: 347 -> 211 MiB RSS after discovery)
-    pa.default_memory_pool().release_unused()
-    return pa.table(columns, schema=LISTING_SCHEMA)
-
-
-class _ListingRows:
-    """Listing-table columns being built, plus what discovery needs to finish the table: the folder
-    (earlier outputs are left out by folder), the natural sort key and the ``leave_out`` flag."""
-
-    SCHEMA = pa.schema([("stack_id", pa.string()), ("source_fingerprint", pa.string()), ("stack", pa.string()),
-                        ("folder", pa.string()), ("sort_key", pa.string()), ("leave", pa.bool_())])
-
-    def __init__(self, leave_out: Callable[[Stack], bool] | None):
-        self.leave_out = leave_out
-        self.columns: list[list] = [[] for _ in self.SCHEMA]
-
-    @property
-    def count(self) -> int:
-        return len(self.columns[0])
-
-    def add(self, stack: Stack) -> None:
-        for column, value in zip(self.columns, (
-                stack.id, source_fingerprint(stack), stack_json(stack), stack.meta.get("folder", ""),
-                natural_sort_text(stack.id), bool(self.leave_out is not None and self.leave_out(stack)))):
-            column.append(value)
-
-    def cut(self) -> pa.RecordBatch:
-        batch = pa.record_batch([pa.array(c, f.type) for c, f in zip(self.columns, self.SCHEMA)], schema=self.SCHEMA)
-        self.columns = [[] for _ in self.SCHEMA]
-        return batch
-
-
-def _unique_rows(table: pa.Table, rows: _ListingRows) -> pa.Table:
-    """:func:`ray_mff.stacks.unique_ids` on a listing table: only the rows whose id clashes become Stack objects."""
-    counts = pc.value_counts(table["stack_id"])
-    clashing = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if len(clashing) == 0:
-        return table
-    clash = pc.is_in(table["stack_id"], value_set=clashing)
-    stacks = [stack_from_json(t) for t in table.filter(clash)["stack"].to_pylist()]
-    for stack in unique_ids(stacks, taken=set(table["stack_id"].to_pylist())):
-        rows.add(stack)
-    return pa.concat_tables([table.filter(pc.invert(clash)), pa.Table.from_batches([rows.cut()])])
-
-
 # decisions of the planner, per stack
 _SKIP, _WAIT, _NEW, _INPUT, _RECIPE, _MISSING, _RETRY, _FORCED = range(8)
 _REASON = {_NEW: "new", _INPUT: "input changed", _RECIPE: "recipe changed", _MISSING: "output missing",
@@ -637,7 +511,7 @@ class Plan:
         return Counter(self.reasons.values())
 
 
-def plan_stacks(stacks: "list[Stack] | pa.Table", output_root: str, opts: RunOptions) -> Plan:
+def plan_stacks(stacks: "list[Stack] | Listing", output_root: str, opts: RunOptions) -> Plan:
     """Decide per stack, from its newest manifest row. A stack is *done* (skipped) only when that
     row is ``ok``, its output is still there, its input fingerprint (:func:`source_fingerprint`)
     matches and its ``recipe_id`` matches ``opts.recipe_id``. A stack whose newest row is an error
@@ -645,19 +519,19 @@ def plan_stacks(stacks: "list[Stack] | pa.Table", output_root: str, opts: RunOpt
     (:data:`RETRY_ON_RERUN`: storage, internal, lease); input and resource errors wait for a change
     (``opts.retry_errors`` redoes them). ``opts.force`` redoes everything.
 
-    ``stacks``: discovery's list, or its :func:`listing_table`. Vectorised: the listing and the
-    manifest's newest rows (:func:`manifest.latest_table`) meet as Arrow columns (``index_in``), the
-    outputs present are one names-only listing of OUTPUT checked with ``is_in``, and Stack objects
-    are made only for the stacks to fuse: a million stacks plan in seconds (``bench/manifest.py``).
+    ``stacks``: discovery's list, or its :class:`ray_mff.listing.Listing`. Vectorised: the listing's
+    ids and fingerprints and the manifest's newest rows (:func:`manifest.latest_table`) meet as Arrow
+    columns (``index_in``), the outputs present are one names-only listing of OUTPUT checked with
+    ``is_in``, and Stack objects are made only for the stacks to fuse: a million stacks plan in
+    seconds (``bench/manifest.py``).
     """
-    if isinstance(stacks, pa.Table):
-        ids = stacks["stack_id"].combine_chunks()
+    if isinstance(stacks, Listing):
+        ids = stacks.ids
 
         def fingerprints() -> pa.Array:
-            return stacks["source_fingerprint"].combine_chunks()
+            return stacks.fingerprints
 
-        def make(index: np.ndarray) -> list[Stack]:
-            return [stack_from_json(t) for t in stacks["stack"].take(pa.array(index, pa.int64())).to_pylist()]
+        make = stacks.stacks
     else:
         ids = pa.array([s.id for s in stacks], pa.string())
 
@@ -838,7 +712,7 @@ def mark_over_budget(stacks: list[Stack], budget: int) -> list[Stack]:
 
 
 def run_local(
-    stacks: "list[Stack] | pa.Table",
+    stacks: "list[Stack] | Listing",
     fuser,
     output_root: str,
     opts: RunOptions,
@@ -847,7 +721,7 @@ def run_local(
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
 ) -> RunSummary:
-    """Fuse ``stacks`` (a list, or a listing table: :func:`discover_listing`; see
+    """Fuse ``stacks`` (a list, or a :class:`ray_mff.listing.Listing`; see
     :func:`plan_stacks`) one after another in this process (no Ray), flushing the manifest as it goes
     (every ``opts.flush_every`` rows or ``opts.flush_seconds``). ``fuser`` is a fuser or a
     zero-argument factory of one (called only when something is to do). Stops early, flushing first, on

@@ -5,8 +5,8 @@ the job's manifest: one :class:`Stack` per fusion job, plus *error rows* (stacks
 ``meta["error"]``) for whatever cannot be fused, so nothing in the input disappears silently.
 The listing is taken folder by folder (:func:`ray_mff.storage.iter_folders`) and the rules below
 apply per folder as it completes (:class:`Discovery`): :func:`discover_stacks` returns a list,
-:func:`ray_mff.runner.discover_listing` the same stacks as Arrow columns for archives of millions
-(what ``ray-mff fuse`` plans from).
+:func:`ray_mff.listing.discover_listing` the same stacks as a compact listing for archives of
+millions (what ``ray-mff fuse`` plans from).
 
 Layouts, decided per folder (the root or any sub-folder that holds files):
 
@@ -329,8 +329,11 @@ def _single_file_stacks(entries, stack_per_file: bool) -> tuple[list[Stack], set
       plane (``x_z003.ome.tif``: a z-plane pattern), and with ``stack_per_file`` every image file:
       a single-file z-stack (:mod:`ray_mff.zstack`).
     """
-    from ray_mff.zstack import is_single_file_stack_name
+    from ray_mff.zstack import VENDOR_EXTENSIONS, is_single_file_stack_name
 
+    if not stack_per_file and not any(".zarr" in low or low.endswith((".ome.tif", ".ome.tiff", *VENDOR_EXTENSIONS))
+                                      for low in (e.relpath.lower() for e in entries)):
+        return [], set()  # the common folder of plain images: nothing below can apply (discovery's hot path)
     images: dict[str, str] = {}
     claimed: set[str] = set()
     plane_namer = _Namer(None)
@@ -384,8 +387,8 @@ def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_en
 
     Returns:
         Stacks sorted (naturally) by id, error rows included (``meta["error"]``). For an archive of
-        millions of stacks, :func:`ray_mff.runner.discover_listing` gives the same as Arrow columns
-        without making a Python object per stack.
+        millions of stacks, :func:`ray_mff.listing.discover_listing` gives the same as a compact
+        listing without keeping a Python object per stack.
 
     Raises:
         EmptyStackError: a local root that does not exist, or a root that is a file.

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_mff import cli, io, lease, manifest, runner, storage
+from ray_mff.listing import listing_of
 from ray_mff.synthetic import render_focus_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -635,7 +636,7 @@ def test_vectorised_plan_decides_as_the_stack_by_stack_plan(tmp_path):
                  runner.RunOptions(recipe_id=None), runner.RunOptions(recipe_id="other"),
                  runner.RunOptions(recipe_id="R", force=True)):
         todo, reasons, n_skipped, waiting = old_plan(stacks, str(out), opts)
-        for given in (stacks, runner.listing_table(iter(stacks), chunk=5)):
+        for given in (stacks, listing_of(iter(stacks), block_rows=5)):
             plan = runner.plan_stacks(given, str(out), opts)
             assert [s.id for s in plan.todo] == [s.id for s in todo] and plan.reasons == reasons, opts
             assert (plan.n_skipped, plan.waiting, plan.first_seq) == (n_skipped, waiting, 18)

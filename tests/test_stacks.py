@@ -364,8 +364,7 @@ def _upload(root, client, bucket, prefix):
 
 @pytest.mark.parametrize("options", [{}, {"stack_per_file": True}, {"pattern": r"(?P<stack>.+)_(?P<index>\d+)"}])
 def test_streamed_listing_equals_the_list(tmp_path, options):
-    from ray_mff.runner import listing_table
-    from ray_mff.runner import discover_listing
+    from ray_mff.listing import discover_listing, stack_json
 
     root = _mixed_tree(tmp_path / "in")
     stacks = discover_stacks(root, **options)
@@ -373,12 +372,14 @@ def test_streamed_listing_equals_the_list(tmp_path, options):
     assert "img" in ids and not any(i.startswith(("prev", "x__y")) for i in ids)  # earlier outputs left out
     if not options:  # the built-in rules: every kind of row is there
         assert {"a_b", "a_b-2", "a_b-3", "x", "zs__sample", "v__a", "empty", "plate__A__1", "notes.txt"} <= set(ids)
-    table = discover_listing(root, **options, chunk=4)  # several batches
-    assert table.equals(listing_table(stacks))
+    listing = discover_listing(root, **options, block_rows=4)  # several compressed blocks
+    assert listing.ids.to_pylist() == ids
+    assert [stack_json(s) for s in listing.stacks()] == [stack_json(s) for s in stacks]  # uris, meta, renames
+    assert [s.id for s in listing.stacks([3, 0, 5])] == [ids[3], ids[0], ids[5]]
     leave = discover_listing(root, **options, leave_out=lambda s: "/pairs/" in "".join(s.uris))
-    assert leave["stack_id"].to_pylist() == [i for i in ids if not i.startswith("pairs__")]
+    assert leave.ids.to_pylist() == [i for i in ids if not i.startswith("pairs__")]
     empty = discover_listing(tmp_path / "in" / "empty")
-    assert empty.equals(listing_table(discover_stacks(tmp_path / "in" / "empty")))
+    assert [stack_json(s) for s in empty.stacks()] == [stack_json(s) for s in discover_stacks(tmp_path / "in" / "empty")]
 
 
 def test_folder_listing_equals_walk_locally(tmp_path):
@@ -401,8 +402,7 @@ def test_streamed_listing_on_s3_pages(tmp_path, s3_server, s3_bucket, monkeypatc
     import boto3
 
     from ray_mff import storage
-    from ray_mff.runner import listing_table
-    from ray_mff.runner import discover_listing
+    from ray_mff.listing import discover_listing, stack_json
 
     _upload(_mixed_tree(tmp_path / "in"), boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1"),
             s3_bucket, "in")
@@ -415,7 +415,8 @@ def test_streamed_listing_on_s3_pages(tmp_path, s3_server, s3_bucket, monkeypatc
     local = discover_stacks(tmp_path / "in")
     remote = discover_stacks(root, s3_endpoint=s3_server)
     assert [s.id for s in remote] == [s.id for s in local]
-    assert discover_listing(root, s3_endpoint=s3_server, chunk=5).equals(listing_table(remote))
+    listing = discover_listing(root, s3_endpoint=s3_server, block_rows=5)
+    assert [stack_json(s) for s in listing.stacks()] == [stack_json(s) for s in remote]
 
 
 def test_natural_sort_text_sorts_as_natural_key():
@@ -429,7 +430,7 @@ def test_natural_sort_text_sorts_as_natural_key():
 def test_a_folder_holding_only_single_file_stacks_is_not_empty(tmp_path):
     """x/a.ome.tif (or a vendor file, or an OME-Zarr store) is a stack of its own; its folder is no
     "empty folder" error row beside it (a nightly run exited 1 for it). A truly empty folder still is."""
-    from ray_mff.runner import discover_listing
+    from ray_mff.listing import discover_listing
 
     for name in ("x/a.ome.tif", "v/c.czi", "w/b.zarr/.zattrs", "w/b.zarr/0/.zarray", "w/b.zarr/0/0.0", "empty/"):
         p = tmp_path / "in" / name
@@ -441,4 +442,4 @@ def test_a_folder_holding_only_single_file_stacks_is_not_empty(tmp_path):
     stacks = {s.id: s for s in discover_stacks(tmp_path / "in")}
     assert set(stacks) == {"x__a", "v__c", "w__b", "empty"}
     assert [i for i, s in stacks.items() if s.meta.get("error")] == ["empty"]
-    assert sorted(discover_listing(tmp_path / "in")["stack_id"].to_pylist()) == sorted(stacks)
+    assert sorted(discover_listing(tmp_path / "in").ids.to_pylist()) == sorted(stacks)

@@ -1,0 +1,203 @@
+"""Discovery's stacks as a compact listing: what ``ray-mff fuse`` plans from, at any archive size.
+
+A :class:`Listing` holds, in natural order (:func:`ray_mff.stacks.natural_sort_text`),
+
+- ``ids`` and ``fingerprints`` (:func:`ray_mff.runner.source_fingerprint`) as Arrow string arrays:
+  all the planner compares with the manifest;
+- each stack itself (uris and meta, :func:`stack_json`) in blocks of JSON rows kept as
+  zstd-compressed Arrow IPC buffers, decoded only for the stacks asked for (:meth:`Listing.stacks`:
+  the stacks a run will fuse).
+
+A stack's JSON is a few hundred bytes and most of it repeats from one stack to the next (the root,
+the folder, the meta keys), so a block compresses about tenfold: a million stacks' listing is tens
+of MiB, not the ~300 MiB of JSON text or the ~1 GiB of Python Stack objects it replaces, and it is
+built while the folder listing streams in (:class:`ray_mff.stacks.Discovery`, one folder at a time),
+so no list of the archive's stacks or files is ever held (``bench/manifest.py``).
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_mff.stacks import Discovery, Stack, natural_sort_text, unique_ids
+
+BLOCK_ROWS = 16384
+"""Stacks per compressed block: what is held as Python objects at once while a listing is built."""
+
+_JSON = pa.schema([("stack", pa.string())])
+_IPC = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
+def stack_json(stack: Stack) -> str:
+    """A Stack as one JSON string (uris and meta round-trip): a listing row, a Ray Data item."""
+    payload = {"id": stack.id, "uris": list(stack.uris), "meta": stack.meta}
+    return json.dumps(payload, default=_jsonable)
+
+
+def stack_from_json(text: str) -> Stack:
+    d = json.loads(text)
+    meta = {k: tuple(v) if isinstance(v, list) else v for k, v in d["meta"].items()}
+    return Stack(d["id"], tuple(d["uris"]), meta)
+
+
+def _jsonable(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+def _pack(texts: list[str]) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, _JSON, options=_IPC) as writer:
+        writer.write_batch(pa.record_batch([pa.array(texts, pa.string())], schema=_JSON))
+    return sink.getvalue()
+
+
+def _unpack(block: pa.Buffer) -> pa.Array:
+    return pa.ipc.open_stream(block).read_all().column(0).combine_chunks()
+
+
+class Listing:
+    """Stacks in natural order: ``ids``, ``fingerprints`` (Arrow arrays) and the stacks themselves,
+    compressed, decoded on demand (:meth:`stacks`). Build one with :func:`discover_listing` (from
+    storage) or :func:`listing_of` (from Stack objects)."""
+
+    def __init__(self, ids: pa.Array, fingerprints: pa.Array, rows: np.ndarray, blocks: list[pa.Buffer],
+                 starts: np.ndarray):
+        self.ids, self.fingerprints = ids, fingerprints
+        self._rows = rows  # per listed stack: its row in the blocks
+        self._blocks, self._starts = blocks, starts  # starts[b]: the first row of block b
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(b.size for b in self._blocks)
+
+    def stacks(self, index: Iterable[int] | np.ndarray | None = None) -> list[Stack]:
+        """The Stack objects at these positions (default: all), in the order given. Each block
+        holding one of them is decompressed once."""
+        at = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64).reshape(-1)
+        return _decode(self._blocks, self._starts, self._rows[at])
+
+
+def _decode(blocks: list[pa.Buffer], starts: np.ndarray, rows: np.ndarray) -> list[Stack]:
+    """The stacks at these rows of the blocks, in that order; each block needed is decompressed once."""
+    block_of = np.searchsorted(starts, rows, side="right") - 1
+    texts: list[str | None] = [None] * len(rows)
+    for b in np.unique(block_of).tolist():
+        where = np.flatnonzero(block_of == b)
+        offsets = pa.array(rows[where] - starts[b], pa.int64())
+        for i, text in zip(where.tolist(), _unpack(blocks[b]).take(offsets).to_pylist()):
+            texts[i] = text
+    return [stack_from_json(t) for t in texts]
+
+
+class _Builder:
+    """Rows being added: the current block as Python lists, earlier blocks compressed, and the
+    per-row columns discovery needs to finish (folder: earlier outputs are left out by folder;
+    natural sort text; the ``leave_out`` flag) as Arrow arrays."""
+
+    def __init__(self, leave_out: Callable[[Stack], bool] | None, block_rows: int):
+        self.leave_out, self.block_rows = leave_out, block_rows
+        self.blocks: list[pa.Buffer] = []
+        self.starts: list[int] = []
+        self.columns: dict[str, list[pa.Array]] = {k: [] for k in ("id", "fp", "folder", "sort", "leave")}
+        self._rows: dict[str, list] = {k: [] for k in ("id", "fp", "folder", "sort", "leave", "json")}
+        self.n = 0
+
+    def add(self, stack: Stack) -> None:
+        from ray_mff.runner import source_fingerprint
+
+        r = self._rows
+        r["id"].append(stack.id)
+        r["fp"].append(source_fingerprint(stack))
+        r["folder"].append(stack.meta.get("folder", ""))
+        r["sort"].append(natural_sort_text(stack.id))
+        r["leave"].append(bool(self.leave_out is not None and self.leave_out(stack)))
+        r["json"].append(stack_json(stack))
+        if len(r["json"]) >= self.block_rows:
+            self.cut()
+
+    def cut(self) -> None:
+        r = self._rows
+        if not r["json"]:
+            return
+        self.starts.append(self.n)
+        self.blocks.append(_pack(r["json"]))
+        self.n += len(r["json"])
+        for key, kind in (("id", pa.string()), ("fp", pa.string()), ("folder", pa.string()),
+                          ("sort", pa.string()), ("leave", pa.bool_())):
+            self.columns[key].append(pa.array(r[key], kind))
+        self._rows = {k: [] for k in r}
+
+    def column(self, key: str) -> pa.Array:
+        kind = pa.bool_() if key == "leave" else pa.string()
+        return pa.concat_arrays(self.columns[key]) if self.columns[key] else pa.array([], kind)
+
+    def finish(self, outputs: Iterable[str] = (), empty_root: Callable[[], Stack] | None = None) -> Listing:
+        """The listing: stacks under an earlier OUTPUT (``outputs``: ``"<folder>/"``) left out, the
+        empty root's row when nothing is left, ids made unique (:func:`ray_mff.stacks.unique_ids`, on
+        the clashing rows only), ``leave_out`` rows dropped, natural order."""
+        self.cut()
+        keep = np.ones(self.n, dtype=bool)
+        outputs = sorted(outputs)
+        if outputs and self.n:
+            folder = self.column("folder")
+            for out in outputs:
+                inside = pc.or_(pc.equal(folder, out[:-1]), pc.starts_with(folder, out))
+                keep &= ~np.asarray(inside.to_numpy(zero_copy_only=False), dtype=bool)
+        if not keep.any() and empty_root is not None:
+            self.add(empty_root())
+            self.cut()
+            keep = np.concatenate([keep, np.ones(self.n - len(keep), dtype=bool)])
+        ids = self.column("id")
+        counts = pc.value_counts(ids.filter(pa.array(keep)))
+        clashing = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        if len(clashing):
+            clash = keep & np.asarray(pc.is_in(ids, value_set=clashing).to_numpy(zero_copy_only=False), dtype=bool)
+            taken = set(ids.filter(pa.array(keep)).to_pylist())
+            renamed = unique_ids(_decode(self.blocks, np.asarray(self.starts), np.flatnonzero(clash)), taken=taken)
+            keep &= ~clash
+            for stack in renamed:
+                self.add(stack)
+            self.cut()
+            keep = np.concatenate([keep, np.ones(self.n - len(keep), dtype=bool)])
+            ids = self.column("id")
+        keep &= ~np.asarray(self.column("leave").to_numpy(zero_copy_only=False), dtype=bool)
+        rows = np.flatnonzero(keep)
+        at = pa.array(rows, pa.int64())
+        ids = ids.take(at)
+        order = pc.sort_indices(pa.table({"sort": self.column("sort").take(at), "id": ids}),
+                                [("sort", "ascending"), ("id", "ascending")])
+        return Listing(ids.take(order), self.column("fp").take(at).take(order),
+                       rows[order.to_numpy()], self.blocks, np.asarray(self.starts, dtype=np.int64))
+
+
+def listing_of(stacks: Iterable[Stack], block_rows: int = BLOCK_ROWS) -> Listing:
+    """A listing of these stacks (ids assumed unique), in natural order."""
+    builder = _Builder(None, block_rows)
+    for stack in stacks:
+        builder.add(stack)
+    return builder.finish()
+
+
+def discover_listing(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None,
+                     stack_per_file: bool = False, leave_out: Callable[[Stack], bool] | None = None,
+                     block_rows: int = BLOCK_ROWS) -> Listing:
+    """:func:`ray_mff.stacks.discover_stacks` as a :class:`Listing`: the same stacks in the same
+    order, built while the folder listing streams in (:func:`ray_mff.storage.iter_folders`).
+
+    ``leave_out``: stacks for which it is true are dropped once ids are unique (``ray-mff fuse``:
+    stacks inside an OUTPUT that lies under INPUT)."""
+    found = Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file)
+    builder = _Builder(leave_out, block_rows)
+    for stack in found:
+        builder.add(stack)
+    listing = builder.finish(found.outputs, found.empty_root)
+    pa.default_memory_pool().release_unused()  # what the builder's columns freed goes back before planning
+    return listing
