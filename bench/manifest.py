@@ -29,7 +29,7 @@ tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh proces
 
 - **listing** (``ray-mff fuse`` now): ``listing.discover_listing(INPUT, leave_out=cli._in_output(...))``
   ("discover s": the folder-by-folder listing, the discovery rules, the compressed listing, ids
-  made unique, natural order), then ``runner.plan_stacks(listing, OUTPUT, ...)`` ("plan s"), as
+  made unique, natural order; a root of 4096+ sub-folders is shared out over one process per core), then ``runner.plan_stacks(listing, OUTPUT, ...)`` ("plan s"), as
   ``cli.run_fuse`` -> ``runner.run_local``/``pipeline.run_pipeline`` call them (the storage probes,
   the lease and fusing itself are not in it);
 - **list** (the baseline, the path before this change): ``stacks.discover_stacks`` (a list of N
@@ -37,7 +37,10 @@ tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh proces
 - **find**: ``storage.walk`` alone (fsspec ``find(detail=True)``: every entry's info dict at once),
   what discovery listed through before it went folder by folder (up to ``--find-max``).
 
-"peak MiB" is the process's peak RSS (interpreter and imports, about 140 MiB, included). Prints one
+"peak MiB" is the process's peak RSS (interpreter and imports, about 140 MiB, included); "worker MiB"
+the largest peak RSS among the processes a parallel discovery started (each holds its share's rows
+while it works; nan: discovery ran in one process); "list/listing" the list path's total time over
+the listing path's, both measured in this run. Prints one
 table per part; ``--sizes``, ``--parts``, ``--baseline-max`` (the largest size the old planner runs at).
 
     .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000] [--parts planners e2e] [--tmp /dev/shm]
@@ -62,6 +65,11 @@ REPEAT = 3
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _children_peak_mib() -> float:
+    """The largest peak RSS of this process's finished children (parallel discovery's workers)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def build(root: Path, n: int, fingerprints: list[str] | None = None) -> None:
@@ -147,7 +155,8 @@ def measure_e2e(root: Path, n: int, path: str) -> dict:
     t1 = time.perf_counter()
     plan = runner.plan_stacks(found, out, opts)
     t2 = time.perf_counter()
-    return {"discover_s": t1 - t0, "plan_s": t2 - t1, "peak_mib": _peak_mib(), "todo": [s.id for s in plan.todo],
+    return {"discover_s": t1 - t0, "plan_s": t2 - t1, "peak_mib": _peak_mib(), "worker_peak_mib": _children_peak_mib(),
+            "todo": [s.id for s in plan.todo],
             "reasons": plan.reasons, "skipped": plan.n_skipped}
 
 
@@ -290,8 +299,9 @@ def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
     print("end to end, ray-mff fuse before fusing: discovery of a real INPUT tree (N folders, 2N files) + the plan "
           "against OUTPUT's N-row manifest; each path once in a fresh process; peak = its peak RSS")
     print(f"{'stacks':>9}  {'listing: discover s':>19}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
+          f"{'worker MiB':>10}  "
           f"{'list: discover s':>16}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
-          f"{'find: s':>7}  {'peak MiB':>8}  {'to do':>6}  same")
+          f"{'find: s':>7}  {'peak MiB':>8}  {'to do':>6}  {'list/listing':>12}  same")
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="mff-bench-e2e-", dir=tmp_root) as tmp:
             _child(tmp, n, "build-e2e")
@@ -299,9 +309,11 @@ def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
             f = _child(tmp, n, "e2e-find") if n <= find_max else {"discover_s": float("nan"), "peak_mib": float("nan")}
         same = t["todo"] == b["todo"] and t["reasons"] == b["reasons"] and t["skipped"] == b["skipped"]
         print(f"{n:>9}  {t['discover_s']:>19.2f}  {t['plan_s']:>6.2f}  {t['discover_s'] + t['plan_s']:>7.2f}  "
-              f"{t['peak_mib']:>8.0f}  {b['discover_s']:>16.2f}  {b['plan_s']:>6.2f}  "
+              f"{t['peak_mib']:>8.0f}  {t['worker_peak_mib'] or float('nan'):>10.0f}  {b['discover_s']:>16.2f}  {b['plan_s']:>6.2f}  "
               f"{b['discover_s'] + b['plan_s']:>7.2f}  {b['peak_mib']:>8.0f}  {f['discover_s']:>7.2f}  "
-              f"{f['peak_mib']:>8.0f}  {len(t['todo']):>6}  {'yes' if same else 'NO'}", flush=True)
+              f"{f['peak_mib']:>8.0f}  {len(t['todo']):>6}  "
+              f"{(b['discover_s'] + b['plan_s']) / (t['discover_s'] + t['plan_s']):>11.2f}x  {'yes' if same else 'NO'}",
+              flush=True)
 
 
 def main() -> None:

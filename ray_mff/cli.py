@@ -357,6 +357,7 @@ def _in_output(input_root: str, output_root: str):
     then per stack by the uris' prefix in INPUT's spelling (discovery spells every uri as
     ``join_uri(INPUT, relative path)``), not by resolving every uri."""
     from ray_mff import storage
+    from ray_mff.listing import InsideOutput
 
     in_fs, in_path = storage.resolve(input_root)
     out_fs, out_path = storage.resolve(output_root)
@@ -364,11 +365,10 @@ def _in_output(input_root: str, output_root: str):
         return None
     in_path, out_path = in_path.rstrip("/"), out_path.rstrip("/")
     if (in_path + "/").startswith(out_path + "/"):  # INPUT inside OUTPUT: everything is
-        return lambda stack: bool(stack.uris)
+        return InsideOutput(None)
     if not out_path.startswith(in_path + "/"):
         return None
-    inside = storage.join_uri(input_root, *out_path[len(in_path) + 1:].split("/"), "x")[:-1]
-    return lambda stack: bool(stack.uris) and all(u.startswith(inside) for u in stack.uris)
+    return InsideOutput(storage.join_uri(input_root, *out_path[len(in_path) + 1:].split("/"), "x")[:-1])
 
 
 def cmd_fuse(args) -> int:

@@ -2,7 +2,7 @@
 
 A :class:`Listing` holds, in natural order (:func:`ray_mff.stacks.natural_sort_text`),
 
-- ``ids`` and ``fingerprints`` (:func:`ray_mff.runner.source_fingerprint`) as Arrow string arrays:
+- ``ids`` and ``fingerprints`` (:func:`ray_mff.stacks.source_fingerprint`) as Arrow string arrays:
   all the planner compares with the manifest;
 - each stack itself (uris and meta, :func:`stack_json`) in blocks of JSON rows kept as
   zstd-compressed Arrow IPC buffers, decoded only for the stacks asked for (:meth:`Listing.stacks`:
@@ -16,15 +16,22 @@ so no list of the archive's stacks or files is ever held (``bench/manifest.py``)
 """
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import os
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_mff.stacks import Discovery, Stack, natural_sort_text, unique_ids
+from ray_mff import storage
+from ray_mff.stacks import Discovery, Stack, natural_sort_text, source_fingerprint, unique_ids
+
+log = logging.getLogger("ray_mff")
 
 BLOCK_ROWS = 16384
 """Stacks per compressed block: what is held as Python objects at once while a listing is built."""
@@ -111,8 +118,6 @@ class _Builder:
         self.n = 0
 
     def add(self, stack: Stack) -> None:
-        from ray_mff.runner import source_fingerprint
-
         r = self._rows
         r["id"].append(stack.id)
         r["fp"].append(source_fingerprint(stack))
@@ -134,6 +139,15 @@ class _Builder:
                           ("sort", pa.string()), ("leave", pa.bool_())):
             self.columns[key].append(pa.array(r[key], kind))
         self._rows = {k: [] for k in r}
+
+    def merge(self, share: "_Share") -> None:
+        """Append another builder's rows (a worker's share of a parallel discovery)."""
+        self.cut()
+        self.blocks += share.blocks
+        self.starts += [self.n + start for start in share.starts]
+        for key, arrays in share.columns.items():
+            self.columns[key] += arrays
+        self.n += share.n
 
     def column(self, key: str) -> pa.Array:
         kind = pa.bool_() if key == "leave" else pa.string()
@@ -186,18 +200,177 @@ def listing_of(stacks: Iterable[Stack], block_rows: int = BLOCK_ROWS) -> Listing
     return builder.finish()
 
 
+PARALLEL_MIN_FOLDERS = 4096
+"""A local root with at least this many sub-folders is discovered by several processes."""
+
+
 def discover_listing(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None,
                      stack_per_file: bool = False, leave_out: Callable[[Stack], bool] | None = None,
-                     block_rows: int = BLOCK_ROWS) -> Listing:
+                     block_rows: int = BLOCK_ROWS, workers: int | None = None,
+                     parallel_min: int = PARALLEL_MIN_FOLDERS) -> Listing:
     """:func:`ray_mff.stacks.discover_stacks` as a :class:`Listing`: the same stacks in the same
     order, built while the folder listing streams in (:func:`ray_mff.storage.iter_folders`).
 
     ``leave_out``: stacks for which it is true are dropped once ids are unique (``ray-mff fuse``:
-    stacks inside an OUTPUT that lies under INPUT)."""
-    found = Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file)
+    stacks inside an OUTPUT that lies under INPUT; :class:`InsideOutput`, picklable).
+
+    A local root with ``parallel_min`` or more sub-folders (an archive of one folder per stack, or
+    of many dated or per-plate folders) is discovered by ``workers`` processes (default: one per
+    core): the root is listed once here, its sub-folders are shared out in batches, each process
+    lists its sub-folders and applies the rules (:class:`ray_mff.stacks.Discovery`: every rule
+    looks only inside a sub-folder) and sends back its compressed rows; ids are made unique and
+    the order natural over all of them here, so the listing is the same as one process's."""
+    folders, parallel = None, False
+    top = _local_top(root, s3_endpoint)
+    if top is not None:  # the root is listed once: its sub-folders go here or to the workers, its files stay here
+        names, root_files = top
+        parallel = (workers or _cores()) > 1 and len(names) >= max(parallel_min, 2)
+        folders = [("", root_files)] if parallel else \
+            itertools.chain(storage.iter_folders(root, top=names), [("", root_files)])
+    found = Discovery(root, pattern, s3_endpoint=s3_endpoint, stack_per_file=stack_per_file, folders=folders)
     builder = _Builder(leave_out, block_rows)
+    if parallel:
+        _discover_in_parallel(builder, found.outputs, names, workers or _cores(),
+                              (os.fspath(root), pattern, stack_per_file, leave_out, block_rows))
     for stack in found:
         builder.add(stack)
     listing = builder.finish(found.outputs, found.empty_root)
     pa.default_memory_pool().release_unused()  # what the builder's columns freed goes back before planning
     return listing
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _local_top(root: str, s3_endpoint: str | None):
+    """(sub-folder names, the root's files) of a local folder root, else None (an object store, an
+    OME-Zarr root, no such folder)."""
+    if storage.is_remote(os.fspath(root)) or os.fspath(root).lower().rstrip("/").endswith(".zarr"):
+        return None  # an OME-Zarr root is one store: its rules look at all of it
+    fs, path = storage.resolve(os.fspath(root), s3_endpoint=s3_endpoint)
+    if not os.path.isdir(path):
+        return None  # Discovery says what is wrong
+    return storage.local_top(os.fspath(root))
+
+
+def _discover_in_parallel(builder: "_Builder", outputs: set, names: list[str], workers: int, args: tuple) -> None:
+    """The root's sub-folders ``names`` discovered by ``workers`` processes, about 8 batches per
+    worker for balance; their rows are merged into ``builder`` in batch order and the earlier
+    OUTPUTs they found into ``outputs``.
+
+    The workers are fresh interpreters (``python -c``, :func:`_worker_main`) fed pickled batches on
+    stdin: not ``multiprocessing``, whose spawn re-imports the caller's ``__main__`` (a user's
+    script without a main guard would run again) and whose fork would copy this process's threads
+    (Arrow's, Ray's)."""
+    import concurrent.futures
+    import pickle
+    import queue
+    import subprocess
+    import sys
+
+    size = -(-len(names) // (workers * 8))
+    batches = [names[i:i + size] for i in range(0, len(names), size)]
+    workers = min(workers, len(batches))
+    log.info("discovery: %d sub-folders of %s in %d batches over %d processes", len(names), args[0],
+             len(batches), workers)
+    idle: queue.Queue = queue.Queue()
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this ray_mff, however it was found
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+    procs = [subprocess.Popen([sys.executable, "-c", "from ray_mff.listing import _worker_main; _worker_main()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(workers)]
+    for proc in procs:
+        idle.put(proc)
+
+    def run(batch: list[str]) -> _Share:
+        proc = idle.get()
+        try:
+            pickle.dump((args, batch), proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.flush()
+            ok, result = pickle.load(proc.stdout)
+        except (EOFError, BrokenPipeError) as err:
+            raise RuntimeError(f"{args[0]}: a discovery worker process ended early (exit {proc.poll()}); "
+                               "its error is above") from err
+        finally:
+            idle.put(proc)
+        if not ok:
+            raise result  # what discovery in this process would have raised
+        return result
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for share in pool.map(run, batches):
+                builder.merge(share)
+                outputs |= share.outputs
+    finally:
+        for proc in procs:
+            try:
+                proc.stdin.close()  # end of requests: the worker exits
+            except OSError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _worker_main() -> None:
+    """A discovery worker: ``(args, batch)`` pickled on stdin -> ``(True, its _Share)`` or
+    ``(False, the exception)`` pickled on stdout, until stdin closes. Anything else written to
+    stdout goes to stderr."""
+    import pickle
+    import sys
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    while True:
+        try:
+            args, batch = pickle.load(sys.stdin.buffer)
+        except EOFError:
+            return
+        try:
+            reply = (True, _discover_share(*args, batch))
+        except Exception as err:  # noqa: BLE001 - sent back and raised there
+            reply = (False, err)
+        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()
+
+
+@dataclass
+class _Share:
+    """What one process of a parallel discovery found: compressed rows and earlier OUTPUTs."""
+
+    blocks: list
+    starts: list
+    columns: dict
+    n: int
+    outputs: set
+
+
+def _discover_share(root: str, pattern, stack_per_file: bool, leave_out, block_rows: int,
+                    names: list[str]) -> _Share:
+    """A worker's share: these sub-folders of the root, listed and turned into rows."""
+    found = Discovery(root, pattern, s3_endpoint=None, stack_per_file=stack_per_file,
+                      folders=storage.iter_folders(root, top=names))
+    builder = _Builder(leave_out, block_rows)
+    for stack in found:
+        builder.add(stack)
+    builder.cut()
+    return _Share(builder.blocks, builder.starts, builder.columns, builder.n, found.outputs)
+
+
+@dataclass(frozen=True)
+class InsideOutput:
+    """``leave_out`` for OUTPUT under INPUT: a stack lies inside OUTPUT when it has uris and all
+    start with ``prefix`` (OUTPUT in INPUT's spelling, with its separator); ``prefix`` None: every
+    stack with uris does (INPUT inside OUTPUT). A class, not a closure, so worker processes get it."""
+
+    prefix: str | None
+
+    def __call__(self, stack: Stack) -> bool:
+        return bool(stack.uris) and (self.prefix is None or all(u.startswith(self.prefix) for u in stack.uris))

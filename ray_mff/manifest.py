@@ -193,6 +193,7 @@ def _last_per_stack(table: pa.Table) -> pa.Table:
     for name in table.column_names:  # column by column: one column's copy alive at a time, not the table's
         columns[name] = table[name].take(keep)
         table = table.drop_columns([name])
+    pa.default_memory_pool().release_unused()  # hand back what the read and the originals freed
     return pa.table(columns)
 
 

@@ -28,7 +28,7 @@ from ray_mff import io, lease, manifest, sinks, storage, zstack
 from ray_mff.align import AlignedPlanes, AlignOptions, align_stack
 from ray_mff.errors import EmptyStackError, EngineUnavailableError, MFFError
 from ray_mff.listing import Listing
-from ray_mff.stacks import Stack
+from ray_mff.stacks import Stack, legacy_fingerprint, source_fingerprint  # noqa: F401 - runner.* names kept
 
 log = logging.getLogger("ray_mff")
 
@@ -308,31 +308,6 @@ def node_memory_budget() -> int:
         return int(psutil.virtual_memory().available * 0.8)
     except Exception:  # noqa: BLE001
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.5)
-
-
-def source_fingerprint(stack: Stack, keys: tuple[str, ...] = ("sizes", "versions", "mtimes")) -> str:
-    """Identity of a stack's inputs: uris plus what the listing gave for free per file: size and
-    version (the ETag on object stores, the mtime in ns on local disks). A plane replaced by other
-    pixels of the same size still changes it.
-
-    A stack whose latest row failed on its input is retried only when this changes (the user fixed
-    a file), so reruns neither repeat known failures nor add duplicate rows for them.
-    """
-    parts = []
-    for i, uri in enumerate(stack.uris):
-        parts.append(uri)
-        for key in keys:
-            values = stack.meta.get(key)
-            if values is not None and i < len(values):
-                parts.append(f"|{values[i]}")
-        parts.append("\n")
-    return hashlib.sha1("".join(parts).encode()).hexdigest()[:16]
-
-
-def legacy_fingerprint(stack: Stack) -> str:
-    """The fingerprint rows written before versions and recipes were recorded carry (names and
-    sizes): such rows still count as done after an upgrade instead of re-fusing the archive."""
-    return source_fingerprint(stack, ("sizes", "mtimes"))
 
 
 def _base_row(stack: Stack, fuser_name: str, recipe: str | None = None) -> dict:

@@ -67,7 +67,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -373,6 +373,31 @@ def _single_file_stacks(entries, stack_per_file: bool) -> tuple[list[Stack], set
     return out, claimed
 
 
+def source_fingerprint(stack: Stack, keys: tuple[str, ...] = ("sizes", "versions", "mtimes")) -> str:
+    """Identity of a stack's inputs: uris plus what the listing gave for free per file: size and
+    version (the ETag on object stores, the mtime in ns on local disks). A plane replaced by other
+    pixels of the same size still changes it.
+
+    A stack whose latest row failed on its input is retried only when this changes (the user fixed
+    a file), so reruns neither repeat known failures nor add duplicate rows for them.
+    """
+    parts = []
+    for i, uri in enumerate(stack.uris):
+        parts.append(uri)
+        for key in keys:
+            values = stack.meta.get(key)
+            if values is not None and i < len(values):
+                parts.append(f"|{values[i]}")
+        parts.append("\n")
+    return hashlib.sha1("".join(parts).encode()).hexdigest()[:16]
+
+
+def legacy_fingerprint(stack: Stack) -> str:
+    """The fingerprint rows written before versions and recipes were recorded carry (names and
+    sizes): such rows still count as done after an upgrade instead of re-fusing the archive."""
+    return source_fingerprint(stack, ("sizes", "mtimes"))
+
+
 def discover_stacks(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None,
                     stack_per_file: bool = False) -> list[Stack]:
     """List the stacks under a local folder or ``s3://`` prefix (names only, no pixel reads).
@@ -414,8 +439,12 @@ class Discovery:
     (:meth:`empty_root`): an error row, not a crash.
     """
 
-    def __init__(self, root: str, pattern, *, s3_endpoint: str | None, stack_per_file: bool):
+    def __init__(self, root: str, pattern, *, s3_endpoint: str | None, stack_per_file: bool,
+                 folders: Iterable[tuple[str, list]] | None = None):
+        """``folders``: the ``(folder, files)`` listing to apply the rules to, when not all of
+        :func:`ray_mff.storage.iter_folders` (a share of it: :func:`ray_mff.listing.discover_listing`)."""
         self.root = os.fspath(root)
+        self.folders = folders
         self.namer = _Namer(pattern)
         self.s3_endpoint, self.stack_per_file = s3_endpoint, stack_per_file
         fs, path = storage.resolve(self.root, s3_endpoint=s3_endpoint)
@@ -443,7 +472,7 @@ class Discovery:
 
     def __iter__(self) -> Iterator[Stack]:
         root, namer = self.root, self.namer
-        folders = storage.iter_folders(root, s3_endpoint=self.s3_endpoint)
+        folders = self.folders if self.folders is not None else storage.iter_folders(root, s3_endpoint=self.s3_endpoint)
         if root.lower().rstrip("/").endswith(".zarr"):  # the root is itself an OME-Zarr image or plate
             entries = []
             for folder, files in folders:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import posixpath
 import secrets
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -196,7 +196,8 @@ def walk(root: str, *, s3_endpoint: str | None = None) -> tuple[list[FileEntry],
     return sorted(files), sorted(dirs)
 
 
-def iter_folders(root: str, *, s3_endpoint: str | None = None) -> Iterator[tuple[str, list[FileEntry]]]:
+def iter_folders(root: str, *, s3_endpoint: str | None = None,
+                 top: Iterable[str] | None = None) -> Iterator[tuple[str, list[FileEntry]]]:
     """The listing of :func:`walk`, one folder at a time: ``(folder, its files)`` for every folder
     under ``root`` (posix path relative to the root; ``""`` is the root itself), each folder once,
     after all of its sub-folders, the root last. Empty folders come too (a local directory, an S3
@@ -210,12 +211,17 @@ def iter_folders(root: str, *, s3_endpoint: str | None = None) -> Iterator[tuple
       UTF-8 order, so everything under a folder is contiguous and the folder is complete once the
       keys leave its prefix;
     - any other fsspec filesystem: :func:`walk`'s listing, held whole, in the same order.
+
+    ``top`` (local roots only): list only these sub-folders of the root (names, as
+    :func:`local_top` gives them), and not the root itself: one share of a parallel discovery.
     """
     fs, path = resolve(root, s3_endpoint=s3_endpoint)
     if is_remote(root):
         _forget_listings(fs, path)  # listings are taken once per job: always fresh
     if isinstance(fs, LocalFileSystem):
-        return _local_folders(os.fspath(root), path)
+        return _local_folders(os.fspath(root), path, None if top is None else list(top))
+    if top is not None:
+        raise ValueError(f"{root}: listing chosen sub-folders is for local folders only")
     if protocol(root) in _S3_PROTOCOLS and hasattr(fs, "call_s3"):
         items = _s3_entries(root, fs, path)
     else:
@@ -243,10 +249,11 @@ def _by_folder(items) -> Iterator[tuple[str, list[FileEntry]]]:
         yield open_.pop()
 
 
-def _local_folders(root: str, path: str) -> Iterator[tuple[str, list[FileEntry]]]:
+def _local_folders(root: str, path: str, top: list[str] | None = None) -> Iterator[tuple[str, list[FileEntry]]]:
     """Depth first with ``os.scandir``: a folder's ``(relative path, files)`` after its sub-folders'.
-    Held: the open folders' files and ``scandir`` iterators, one per level."""
-    join = join_uri if "://" in root else os.path.join  # as join_uri(root, *parts) spells them
+    Held: the open folders' files and ``scandir`` iterators, one per level. ``top``: only these
+    sub-folders of the root, and not the root."""
+    join = _uri_join(root)
 
     def visit(folder: str, rel: str, uri: str):
         files = []
@@ -261,18 +268,47 @@ def _local_folders(root: str, path: str) -> Iterator[tuple[str, list[FileEntry]]
                         sub = f"{rel}/{e.name}" if rel else e.name
                         yield from visit(e.path, sub, join(uri, e.name))
                         continue
-                    try:
-                        size, version = _local_size_version(e)
-                    except FileNotFoundError:
-                        continue
-                    files.append(FileEntry(join(uri, e.name), f"{rel}/{e.name}" if rel else e.name,
-                                           size, version))
+                    entry = _local_entry(e, rel, uri, join)
+                    if entry is not None:
+                        files.append(entry)
         yield rel, files
 
-    if os.path.isdir(path):
+    if top is not None:
+        for name in top:
+            yield from visit(os.path.join(path, name), name, join(root, name))
+    elif os.path.isdir(path):
         yield from visit(path, "", root)
     else:
         yield "", []
+
+
+def local_top(root: str) -> tuple[list[str], list[FileEntry]]:
+    """A local root's sub-folder names (``scandir`` order) and its own files as :func:`iter_folders`
+    lists them, from one ``scandir``: how a parallel discovery shares out the root's sub-folders."""
+    fs, path = resolve(root)
+    names, files = [], []
+    join = _uri_join(os.fspath(root))
+    with os.scandir(path) as it:
+        for e in it:
+            if e.is_dir(follow_symlinks=False):
+                names.append(e.name)
+            else:
+                entry = _local_entry(e, "", os.fspath(root), join)
+                if entry is not None:
+                    files.append(entry)
+    return names, files
+
+
+def _uri_join(root: str):
+    return join_uri if "://" in root else os.path.join  # as join_uri(root, *parts) spells them
+
+
+def _local_entry(e: os.DirEntry, rel: str, uri: str, join) -> FileEntry | None:
+    try:
+        size, version = _local_size_version(e)
+    except FileNotFoundError:  # gone since the folder was listed
+        return None
+    return FileEntry(join(uri, e.name), f"{rel}/{e.name}" if rel else e.name, size, version)
 
 
 def _local_size_version(entry: os.DirEntry) -> tuple[int, str | None]:

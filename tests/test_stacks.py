@@ -382,6 +382,37 @@ def test_streamed_listing_equals_the_list(tmp_path, options):
     assert [stack_json(s) for s in empty.stacks()] == [stack_json(s) for s in discover_stacks(tmp_path / "in" / "empty")]
 
 
+@pytest.mark.parametrize("options", [{}, {"pattern": r"(?P<stack>.+)_(?P<index>\d+)"}])
+def test_parallel_discovery_equals_one_process(tmp_path, options, caplog):
+    """Sub-folders shared out over worker processes (forced here: the bar is 4096 sub-folders) give
+    the same listing as one process: earlier outputs, zarr stores, clashing ids, empty folders, the
+    root's own files, OUTPUT under INPUT (a picklable leave_out)."""
+    from ray_mff import cli
+    from ray_mff.listing import discover_listing, stack_json
+
+    root = _mixed_tree(tmp_path / "in")
+    (root / "fused" / "manifest.parquet").mkdir(parents=True)
+    (root / "fused" / "manifest.parquet" / "part-r-00000.parquet").write_bytes(b"x")
+    (root / "fused" / "s1.png").write_bytes(b"x")
+    leave = cli._in_output(str(root), str(root / "fused"))
+    one = discover_listing(root, **options, leave_out=leave, workers=1)
+    with caplog.at_level("INFO", logger="ray_mff"):
+        many = discover_listing(root, **options, leave_out=leave, workers=2, parallel_min=2, block_rows=3)
+    assert "over 2 processes" in caplog.text
+    assert len(one) > 20 and not any(i.startswith("fused") for i in one.ids.to_pylist())
+    assert many.ids.equals(one.ids) and many.fingerprints.equals(one.fingerprints)
+    assert [stack_json(s) for s in many.stacks()] == [stack_json(s) for s in one.stacks()]
+
+
+def test_a_discovery_worker_error_is_raised_here():
+    """What a worker process raises comes back and is raised in the caller, as one process would."""
+    from ray_mff import listing
+
+    with pytest.raises(ValueError, match="local folders only"):
+        listing._discover_in_parallel(listing._Builder(None, 4), set(), ["a", "b"], 2,
+                                      ("memory://nowhere", None, False, None, 4))
+
+
 def test_folder_listing_equals_walk_locally(tmp_path):
     from ray_mff import storage
 
