@@ -29,9 +29,12 @@ tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh proces
 
 - **listing** (``ray-mff fuse`` now): ``listing.discover_listing(INPUT, leave_out=cli._in_output(...))``
   ("discover s": the folder-by-folder listing, the discovery rules, the compressed listing, ids
-  made unique, natural order; a root of 4096+ sub-folders is shared out over one process per core), then ``runner.plan_stacks(listing, OUTPUT, ...)`` ("plan s"), as
+  made unique, natural order; a root of 16384+ sub-folders is shared out over one process per core),
+  then ``runner.plan_stacks(listing, OUTPUT, ...)`` ("plan s"), as
   ``cli.run_fuse`` -> ``runner.run_local``/``pipeline.run_pipeline`` call them (the storage probes,
   the lease and fusing itself are not in it);
+- **listing, 1 process**: the same with ``workers=1`` (what a root of fewer sub-folders gets; the
+  parallel discovery's baseline in the same run);
 - **list** (the baseline, the path before this change): ``stacks.discover_stacks`` (a list of N
   Stack objects) then ``plan_stacks`` on the list;
 - **find**: ``storage.walk`` alone (fsspec ``find(detail=True)``: every entry's info dict at once),
@@ -39,7 +42,9 @@ tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh proces
 
 "peak MiB" is the process's peak RSS (interpreter and imports, about 140 MiB, included); "worker MiB"
 the largest peak RSS among the processes a parallel discovery started (each holds its share's rows
-while it works; nan: discovery ran in one process); "list/listing" the list path's total time over
+while it works; nan: discovery ran in one process); "at once MiB" a bound on the memory of all of
+them together: the driver's peak until discovery ended plus every worker at its own peak, or the
+driver's peak (reached while planning, when the workers are gone) if larger; "list/listing" the list path's total time over
 the listing path's, both measured in this run. Prints one
 table per part; ``--sizes``, ``--parts``, ``--baseline-max`` (the largest size the old planner runs at).
 
@@ -148,14 +153,16 @@ def measure_e2e(root: Path, n: int, path: str) -> dict:
     if path == "find":
         files, _ = storage.walk(src)
         return {"discover_s": time.perf_counter() - t0, "peak_mib": _peak_mib(), "files": len(files)}
-    if path == "listing":
-        found = listing.discover_listing(src, leave_out=cli._in_output(src, out))
+    if path in ("listing", "listing1"):
+        found = listing.discover_listing(src, leave_out=cli._in_output(src, out), workers=1 if path == "listing1" else None)
     else:
         found = stacks.discover_stacks(src)
     t1 = time.perf_counter()
+    discover_peak = _peak_mib()
     plan = runner.plan_stacks(found, out, opts)
     t2 = time.perf_counter()
     return {"discover_s": t1 - t0, "plan_s": t2 - t1, "peak_mib": _peak_mib(), "worker_peak_mib": _children_peak_mib(),
+            "discover_peak_mib": discover_peak,
             "todo": [s.id for s in plan.todo],
             "reasons": plan.reasons, "skipped": plan.n_skipped}
 
@@ -295,21 +302,31 @@ def planners(sizes: list[int], baseline_max: int) -> None:
             print("  plans differ:", {k: Counter(r['reasons'].values()) for k, r in results.items()})
 
 
+def listing_workers() -> int:
+    from ray_mff.listing import _cores
+
+    return _cores()
+
+
 def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
     print("end to end, ray-mff fuse before fusing: discovery of a real INPUT tree (N folders, 2N files) + the plan "
           "against OUTPUT's N-row manifest; each path once in a fresh process; peak = its peak RSS")
     print(f"{'stacks':>9}  {'listing: discover s':>19}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
-          f"{'worker MiB':>10}  "
+          f"{'worker MiB':>10}  {'at once MiB':>11}  {'1 process: discover s':>21}  {'peak MiB':>8}  "
           f"{'list: discover s':>16}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
           f"{'find: s':>7}  {'peak MiB':>8}  {'to do':>6}  {'list/listing':>12}  same")
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="mff-bench-e2e-", dir=tmp_root) as tmp:
             _child(tmp, n, "build-e2e")
-            t, b = (_child(tmp, n, f"e2e-{path}") for path in ("listing", "list"))
+            t, one, b = (_child(tmp, n, f"e2e-{path}") for path in ("listing", "listing1", "list"))
+            workers = 0 if not t["worker_peak_mib"] else listing_workers()
             f = _child(tmp, n, "e2e-find") if n <= find_max else {"discover_s": float("nan"), "peak_mib": float("nan")}
-        same = t["todo"] == b["todo"] and t["reasons"] == b["reasons"] and t["skipped"] == b["skipped"]
+        same = all(r["todo"] == b["todo"] and r["reasons"] == b["reasons"] and r["skipped"] == b["skipped"]
+                   for r in (t, one))
         print(f"{n:>9}  {t['discover_s']:>19.2f}  {t['plan_s']:>6.2f}  {t['discover_s'] + t['plan_s']:>7.2f}  "
-              f"{t['peak_mib']:>8.0f}  {t['worker_peak_mib'] or float('nan'):>10.0f}  {b['discover_s']:>16.2f}  {b['plan_s']:>6.2f}  "
+              f"{t['peak_mib']:>8.0f}  {t['worker_peak_mib'] or float('nan'):>10.0f}  "
+              f"{max(t['peak_mib'], t['discover_peak_mib'] + workers * (t['worker_peak_mib'] or 0)):>11.0f}  "
+              f"{one['discover_s']:>21.2f}  {one['peak_mib']:>8.0f}  {b['discover_s']:>16.2f}  {b['plan_s']:>6.2f}  "
               f"{b['discover_s'] + b['plan_s']:>7.2f}  {b['peak_mib']:>8.0f}  {f['discover_s']:>7.2f}  "
               f"{f['peak_mib']:>8.0f}  {len(t['todo']):>6}  "
               f"{(b['discover_s'] + b['plan_s']) / (t['discover_s'] + t['plan_s']):>11.2f}x  {'yes' if same else 'NO'}",
