@@ -29,7 +29,7 @@ tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh proces
 
 - **listing** (``ray-mff fuse`` now): ``listing.discover_listing(INPUT, leave_out=cli._in_output(...))``
   ("discover s": the folder-by-folder listing, the discovery rules, the compressed listing, ids
-  made unique, natural order; a root of 16384+ sub-folders is shared out over one process per core),
+  made unique, natural order; a root of 32768+ sub-folders is shared out over one process per core),
   then ``runner.plan_stacks(listing, OUTPUT, ...)`` ("plan s"), as
   ``cli.run_fuse`` -> ``runner.run_local``/``pipeline.run_pipeline`` call them (the storage probes,
   the lease and fusing itself are not in it);

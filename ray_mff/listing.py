@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_mff import storage
+from ray_mff.errors import MFFError
 from ray_mff.stacks import Discovery, Stack, natural_sort_text, source_fingerprint, unique_ids
 
 log = logging.getLogger("ray_mff")
@@ -200,11 +201,12 @@ def listing_of(stacks: Iterable[Stack], block_rows: int = BLOCK_ROWS) -> Listing
     return builder.finish()
 
 
-PARALLEL_MIN_FOLDERS = 16384
+PARALLEL_MIN_FOLDERS = 32768
 """A local root with at least this many sub-folders is discovered by several processes. Starting
-the workers costs about a second (an interpreter, numpy and pyarrow each); on 2 cores the shared
-work saved that from about 15k stack folders on (``bench/manifest.py --parts e2e``: 10k stacks
-took 2.1 s in 2 workers against about 1.5 s in one process, 100k 9.4 s against 15.4 s)."""
+the workers costs about a second (an interpreter, numpy and pyarrow each): on 2 quiet cores the
+shared work pays for it from about 16k stack folders (``bench/manifest.py --parts e2e``: 10k
+stacks took 2.1 s in 2 workers against 1.75 s in one process, 100k 9.6 s against 16.6 s), and
+not at all while another job holds a core (17k: 3.6 s against 2.4 s); twice that is the bar."""
 
 
 def discover_listing(root: str, pattern: str | re.Pattern | None = None, *, s3_endpoint: str | None = None,
@@ -295,8 +297,12 @@ def _discover_in_parallel(builder: "_Builder", outputs: set, names: list[str], w
             proc.stdin.flush()
             ok, result = pickle.load(proc.stdout)
         except (EOFError, BrokenPipeError) as err:
-            raise RuntimeError(f"{args[0]}: a discovery worker process ended early (exit {proc.poll()}); "
-                               "its error is above") from err
+            try:
+                status = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                status = "none yet"
+            raise MFFError(args[0], f"a discovery worker process ended early (exit {status}); "
+                                    "what it said is above") from err
         finally:
             idle.put(proc)
         if not ok:
@@ -326,8 +332,13 @@ def _worker_main() -> None:
     ``(False, the exception)`` pickled on stdout, until stdin closes. Anything else written to
     stdout goes to stderr."""
     import pickle
+    import signal
     import sys
 
+    # the driver is in charge: Ctrl-C or a scheduler's SIGTERM reach it, and a worker ends when its
+    # stdin closes (the driver finished, or died: then after its batch, on the broken pipe)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr

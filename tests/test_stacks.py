@@ -384,7 +384,7 @@ def test_streamed_listing_equals_the_list(tmp_path, options):
 
 @pytest.mark.parametrize("options", [{}, {"pattern": r"(?P<stack>.+)_(?P<index>\d+)"}])
 def test_parallel_discovery_equals_one_process(tmp_path, options, caplog):
-    """Sub-folders shared out over worker processes (forced here: the bar is 16384 sub-folders) give
+    """Sub-folders shared out over worker processes (forced here: the bar is 32768 sub-folders) give
     the same listing as one process: earlier outputs, zarr stores, clashing ids, empty folders, the
     root's own files, OUTPUT under INPUT (a picklable leave_out)."""
     from ray_mff import cli
