@@ -22,7 +22,8 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from collections.abc import Sequence
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -91,6 +92,46 @@ class Listing:
         holding one of them is decompressed once."""
         at = np.arange(len(self)) if index is None else np.asarray(index, dtype=np.int64).reshape(-1)
         return _decode(self._blocks, self._starts, self._rows[at])
+
+    def lazy(self, index: np.ndarray) -> "Stacks":
+        """The stacks at these positions as a sequence made :data:`ITER_CHUNK` at a time as it is
+        iterated: a run over a million new stacks never holds a million Stack objects."""
+        return Stacks(self, np.asarray(index, dtype=np.int64).reshape(-1))
+
+
+ITER_CHUNK = 32768
+"""Stack objects made at once while a :class:`Stacks` is iterated (about 50 MiB)."""
+
+
+class Stacks(Sequence):
+    """Some stacks of a :class:`Listing` (what a run will fuse), a read-only sequence whose Stack
+    objects are made as they are reached: iterating decodes :data:`ITER_CHUNK` at a time, indexing
+    one (a slice is another :class:`Stacks`). Equal to a list of the same stacks."""
+
+    def __init__(self, listing: Listing, index: np.ndarray):
+        self._listing, self._index = listing, index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Stacks(self._listing, self._index[i])
+        return self._listing.stacks([self._index[i]])[0]
+
+    def __iter__(self) -> Iterator[Stack]:
+        for lo in range(0, len(self._index), ITER_CHUNK):
+            yield from self._listing.stacks(self._index[lo:lo + ITER_CHUNK])
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (Stacks, list, tuple)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} stacks of a listing>"
 
 
 def _decode(blocks: list[pa.Buffer], starts: np.ndarray, rows: np.ndarray) -> list[Stack]:

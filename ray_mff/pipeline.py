@@ -761,7 +761,9 @@ def run_pipeline(
         storage.set_s3_endpoint(s3_endpoint)
     run_id = run_id or manifest.new_run_id()
     plan = runner.plan_stacks(stacks, output_root, opts)
-    todo = plan.todo
+    # Stack objects for every stack to fuse: the stages are split from one header read per stack
+    # on the driver (split_stages); the local loop makes them as it goes instead
+    todo = list(plan.todo)
     summary = runner.new_summary(plan, run_id, output_root)
     log.info("run %s: %d stacks to fuse, %d already done", run_id, len(todo), plan.n_skipped)
     if not todo:

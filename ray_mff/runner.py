@@ -466,7 +466,8 @@ _REASON = {_NEW: "new", _INPUT: "input changed", _RECIPE: "recipe changed", _MIS
 
 @dataclass
 class Plan:
-    """What a run will do: ``todo`` (Stack objects, made only for these; ``reasons[stack_id]``: new,
+    """What a run will do: ``todo`` (Stack objects, made only for these, and from a listing only as
+    they are iterated: :class:`ray_mff.listing.Stacks`; ``reasons[stack_id]``: new,
     input changed, recipe changed, output missing, retry <kind> error, forced), how many are
     skipped (done, or an error waiting for its input) and where this run's ``seq`` starts."""
 
@@ -533,7 +534,8 @@ def plan_stacks(stacks: "list[Stack] | Listing", output_root: str, opts: RunOpti
     kinds = kind.take(pa.array(todo_at, pa.int64())).to_pylist() if kind is not None else None
     reasons = {sid: (f"retry {kinds[i]} error" if c == _RETRY else _REASON[c])
                for i, (sid, c) in enumerate(zip(todo_ids, todo_codes))}
-    return Plan(make(todo_at), n - len(todo_at), reasons, int(np.count_nonzero(code == _WAIT)), first_seq,
+    todo = stacks.lazy(todo_at) if isinstance(stacks, Listing) else make(todo_at)
+    return Plan(todo, n - len(todo_at), reasons, int(np.count_nonzero(code == _WAIT)), first_seq,
                 lambda: make(np.flatnonzero(code < _NEW)))
 
 
@@ -681,11 +683,6 @@ def new_summary(plan: Plan, run_id: str, output_root: str) -> RunSummary:
                       reasons=dict(plan.counts()), waiting=plan.waiting)
 
 
-def mark_over_budget(stacks: list[Stack], budget: int) -> list[Stack]:
-    """Flag stacks whose :func:`estimate_stack_memory` exceeds ``budget``: they take the tiled path."""
-    return [over_budget(s, estimate_stack_memory(s), budget) for s in stacks]
-
-
 def run_local(
     stacks: "list[Stack] | Listing",
     fuser,
@@ -704,7 +701,8 @@ def run_local(
     run_id = run_id or manifest.new_run_id()
     plan = plan_stacks(stacks, output_root, opts)
     summary = new_summary(plan, run_id, output_root)
-    todo = mark_over_budget(plan.todo, node_memory_budget()) if plan.todo else []
+    todo = plan.todo  # from a listing: Stack objects made as the loop reaches them
+    budget = node_memory_budget() if todo else 0
     if todo and not hasattr(fuser, "fuse"):
         # a factory: the method (an ONNX Runtime session, torch, their native thread pools) is
         # built only when there is something to fuse; nothing-to-do reruns never load it
@@ -717,6 +715,8 @@ def run_local(
             if STOP:
                 summary.stopped = STOP.signal
                 break
+            # over the memory budget (from its header, read as the stack comes up): the tiled path
+            stack = over_budget(stack, estimate_stack_memory(stack), budget)
             row = writer.add(process_stack(stack, fuser, output_root, opts))
             busy += row.get("fuse_s") or 0.0
             summary.engine_busy = busy / max(time.perf_counter() - started, 1e-9) if busy else None

@@ -404,6 +404,25 @@ def test_parallel_discovery_equals_one_process(tmp_path, options, caplog):
     assert [stack_json(s) for s in many.stacks()] == [stack_json(s) for s in one.stacks()]
 
 
+def test_a_listing_makes_the_stacks_to_fuse_as_they_are_reached(monkeypatch):
+    """Plan.todo from a listing is a sequence whose Stack objects are made a chunk at a time as the
+    loop reaches them (a first run over a million stacks never holds a million of them)."""
+    from ray_mff import listing
+
+    stacks = [Stack(f"s{i:03d}", (f"/in/s{i:03d}/a.png", f"/in/s{i:03d}/b.png"), {"sizes": (i, i), "folder": f"s{i:03d}"})
+              for i in range(40)]
+    made = []
+    real = listing.Listing.stacks
+    monkeypatch.setattr(listing.Listing, "stacks", lambda self, index=None: made.append(len(index)) or real(self, index))
+    monkeypatch.setattr(listing, "ITER_CHUNK", 8)
+    todo = listing.listing_of(reversed(stacks), block_rows=7).lazy(np.arange(3, 30))
+    assert len(todo) == 27 and made == []
+    it = iter(todo)
+    assert next(it) == stacks[3] and made == [8]  # the first chunk only
+    assert list(todo) == stacks[3:30] and todo == stacks[3:30] and todo != stacks[3:31]
+    assert todo[0] == stacks[3] and todo[-1] == stacks[29] and list(todo[2:5]) == stacks[5:8]
+
+
 def test_a_discovery_worker_error_is_raised_here():
     """What a worker process raises comes back and is raised in the caller, as one process would."""
     from ray_mff import listing
