@@ -40,6 +40,11 @@ tree (1 % changed, 0.1 % outputs missing). Each path runs once in a fresh proces
 - **find**: ``storage.walk`` alone (fsspec ``find(detail=True)``: every entry's info dict at once),
   what discovery listed through before it went folder by folder (up to ``--find-max``).
 
+**A first run** (``--parts first``): N new stacks as a listing (built from a generator), planned
+against an empty OUTPUT, then every stack to fuse reached as ``runner.run_local`` reaches them,
+without fusing: ``plan.todo`` as the loop takes it (Stack objects made a chunk at a time, "lazy"),
+against the same made into a list first ("list", what the loop held before).
+
 "peak MiB" is the process's peak RSS (interpreter and imports, about 140 MiB, included); "worker MiB"
 the largest peak RSS among the processes a parallel discovery started (each holds its share's rows
 while it works; nan: discovery ran in one process); "at once MiB" a bound on the memory of all of
@@ -48,7 +53,7 @@ driver's peak (reached while planning, when the workers are gone) if larger; "li
 the listing path's, both measured in this run. Prints one
 table per part; ``--sizes``, ``--parts``, ``--baseline-max`` (the largest size the old planner runs at).
 
-    .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000] [--parts planners e2e] [--tmp /dev/shm]
+    .venv/bin/python bench/manifest.py [--sizes 10000 100000 1000000] [--parts planners e2e first] [--tmp /dev/shm]
 """
 from __future__ import annotations
 
@@ -165,6 +170,32 @@ def measure_e2e(root: Path, n: int, path: str) -> dict:
             "discover_peak_mib": discover_peak,
             "todo": [s.id for s in plan.todo],
             "reasons": plan.reasons, "skipped": plan.n_skipped}
+
+
+def measure_first(n: int, mode: str) -> dict:
+    """A first run's plan: n new stacks (a listing built from a generator, planned against an empty
+    OUTPUT), then every stack to fuse reached as ``runner.run_local``'s loop reaches them, without
+    fusing: ``plan.todo`` as it is (made a chunk at a time: "lazy"), or made into a list first ("list",
+    as the loop did before)."""
+    from ray_mff import listing, runner
+
+    built = listing.listing_of(stack(i) for i in range(n))
+    with tempfile.TemporaryDirectory(prefix="mff-bench-first-") as out:
+        t0 = time.perf_counter()
+        plan = runner.plan_stacks(built, out, runner.RunOptions(recipe_id="recipe"))
+        todo = list(plan.todo) if mode == "list" else plan.todo
+        members = sum(len(s.uris) for s in todo)
+        return {"seconds": time.perf_counter() - t0, "peak_mib": _peak_mib(), "members": members}
+
+
+def first_run(sizes: list[int]) -> None:
+    print("a first run: every stack new; plan + every stack to fuse reached as the local loop does (no fusing); "
+          "each in a fresh process; peak = its peak RSS")
+    print(f"{'stacks':>9}  {'lazy: s':>7}  {'peak MiB':>8}  {'list: s':>7}  {'peak MiB':>8}  {'list/lazy MiB':>13}")
+    for n in sizes:
+        lazy, whole = (_child("-", n, f"first-{mode}") for mode in ("lazy", "list"))
+        print(f"{n:>9}  {lazy['seconds']:>7.2f}  {lazy['peak_mib']:>8.0f}  {whole['seconds']:>7.2f}  "
+              f"{whole['peak_mib']:>8.0f}  {whole['peak_mib'] / lazy['peak_mib']:>12.2f}x", flush=True)
 
 
 def fingerprint(i: int) -> str:
@@ -336,7 +367,7 @@ def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--parts", nargs="+", choices=["planners", "e2e"], default=["planners", "e2e"])
+    ap.add_argument("--parts", nargs="+", choices=["planners", "e2e", "first"], default=["planners", "e2e", "first"])
     ap.add_argument("--baseline-max", type=int, default=1_000_000, help="largest size the old planner runs at")
     ap.add_argument("--find-max", type=int, default=1_000_000, help="largest size fsspec's find runs at (e2e)")
     ap.add_argument("--tmp", help="where the e2e trees go (default: the system's temp folder; a tmpfs such as "
@@ -349,6 +380,8 @@ def main() -> None:
             build(root, n)
         elif what == "build-e2e":
             build_e2e(root, n)
+        elif what.startswith("first-"):
+            print(json.dumps(measure_first(n, what[6:])))
         elif what.startswith("e2e-"):
             print(json.dumps(measure_e2e(root, n, what[4:])))
         else:
@@ -358,6 +391,8 @@ def main() -> None:
         planners(args.sizes, args.baseline_max)
     if "e2e" in args.parts:
         end_to_end(args.sizes, args.tmp, args.find_max)
+    if "first" in args.parts:
+        first_run(args.sizes)
 
 
 if __name__ == "__main__":
