@@ -392,8 +392,11 @@ def _worker_main() -> None:
             reply = (True, _discover_share(*args, batch))
         except Exception as err:  # noqa: BLE001 - sent back and raised there
             reply = (False, err)
-        pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
-        out.flush()
+        try:
+            pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
+            out.flush()
+        except BrokenPipeError:  # the driver is gone (killed): nothing to report to
+            return
 
 
 @dataclass
