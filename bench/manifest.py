@@ -11,7 +11,7 @@ Each planner then runs in a fresh process of its own; "peak MiB" is that process
 not only the planner):
 
 - **arrow**: the stacks come as a :class:`ray_mff.listing.Listing` (``listing.listing_of`` fed by a
-  generator of Stack objects, compressed 64k at a time: "listing s", not in "plan s" but in the peak), then
+  generator of Stack objects, compressed 16k at a time: "listing s", not in "plan s" but in the peak), then
   ``runner.plan_stacks`` (timed: read the manifest's plan columns through pyarrow.dataset, newest
   row per stack, one names-only listing of OUTPUT into an Arrow array, the decisions as Arrow and
   numpy columns, Stack objects made for the stacks to fuse only);
@@ -333,13 +333,9 @@ def planners(sizes: list[int], baseline_max: int) -> None:
             print("  plans differ:", {k: Counter(r['reasons'].values()) for k, r in results.items()})
 
 
-def listing_workers() -> int:
-    from ray_mff.listing import _cores
-
-    return _cores()
-
-
 def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
+    from ray_mff import listing
+
     print("end to end, ray-mff fuse before fusing: discovery of a real INPUT tree (N folders, 2N files) + the plan "
           "against OUTPUT's N-row manifest; each path once in a fresh process; peak = its peak RSS")
     print(f"{'stacks':>9}  {'listing: discover s':>19}  {'plan s':>6}  {'total s':>7}  {'peak MiB':>8}  "
@@ -350,7 +346,7 @@ def end_to_end(sizes: list[int], tmp_root: str | None, find_max: int) -> None:
         with tempfile.TemporaryDirectory(prefix="mff-bench-e2e-", dir=tmp_root) as tmp:
             _child(tmp, n, "build-e2e")
             t, one, b = (_child(tmp, n, f"e2e-{path}") for path in ("listing", "listing1", "list"))
-            workers = 0 if not t["worker_peak_mib"] else listing_workers()
+            workers = 0 if not t["worker_peak_mib"] else listing._cores()
             f = _child(tmp, n, "e2e-find") if n <= find_max else {"discover_s": float("nan"), "peak_mib": float("nan")}
         same = all(r["todo"] == b["todo"] and r["reasons"] == b["reasons"] and r["skipped"] == b["skipped"]
                    for r in (t, one))

@@ -45,7 +45,7 @@ _IPC = pa.ipc.IpcWriteOptions(compression="zstd")
 def stack_json(stack: Stack) -> str:
     """A Stack as one JSON string (uris and meta round-trip): a listing row, a Ray Data item."""
     payload = {"id": stack.id, "uris": list(stack.uris), "meta": stack.meta}
-    return json.dumps(payload, default=_jsonable)
+    return json.dumps(payload, default=jsonable)
 
 
 def stack_from_json(text: str) -> Stack:
@@ -54,7 +54,8 @@ def stack_from_json(text: str) -> Stack:
     return Stack(d["id"], tuple(d["uris"]), meta)
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``json.dumps``' ``default``: numpy scalars as Python numbers, anything else as its str."""
     return value.item() if isinstance(value, np.generic) else str(value)
 
 
@@ -82,10 +83,6 @@ class Listing:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    @property
-    def compressed_bytes(self) -> int:
-        return sum(b.size for b in self._blocks)
 
     def stacks(self, index: Iterable[int] | np.ndarray | None = None) -> list[Stack]:
         """The Stack objects at these positions (default: all), in the order given. Each block

@@ -67,7 +67,7 @@ import pyarrow as pa
 
 from ray_mff import io, manifest, runner, sinks, storage
 from ray_mff.errors import EmptyStackError, EngineUnavailableError, MFFError
-from ray_mff.listing import Listing, stack_from_json, stack_json
+from ray_mff.listing import Listing, jsonable, stack_from_json, stack_json
 from ray_mff.runner import RunOptions, RunSummary, _base_row, _utc_now, process_stack
 from ray_mff.stacks import Stack
 
@@ -88,12 +88,6 @@ def stack_to_item(stack: Stack) -> dict:
 
 
 stack_from_item = stack_from_json
-
-
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 # --------------------------------------------------------------------------- arrays between stages
@@ -122,7 +116,7 @@ def _unpack(data: pa.Scalar, layout: str) -> np.ndarray | None:
 
 def _stage_table(rows: list[dict], **arrays: list[np.ndarray | None]) -> pa.Table:
     """Rows (JSON) plus packed arrays -> the Arrow table passed to the next stage."""
-    cols = {"row": pa.array([json.dumps(r, default=_jsonable) for r in rows], pa.string())}
+    cols = {"row": pa.array([json.dumps(r, default=jsonable) for r in rows], pa.string())}
     for name, values in arrays.items():
         packed = [_pack(v) for v in values]
         cols[name] = pa.array([p[0] for p in packed], pa.large_binary())

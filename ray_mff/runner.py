@@ -28,7 +28,7 @@ from ray_mff import io, lease, manifest, sinks, storage, zstack
 from ray_mff.align import AlignedPlanes, AlignOptions, align_stack
 from ray_mff.errors import EmptyStackError, EngineUnavailableError, MFFError
 from ray_mff.listing import Listing
-from ray_mff.stacks import Stack, legacy_fingerprint, source_fingerprint  # noqa: F401 - runner.* names kept
+from ray_mff.stacks import Stack, legacy_fingerprint, source_fingerprint
 
 log = logging.getLogger("ray_mff")
 

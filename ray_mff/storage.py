@@ -285,7 +285,7 @@ def _local_folders(root: str, path: str, top: list[str] | None = None) -> Iterat
 def local_top(root: str) -> tuple[list[str], list[FileEntry]]:
     """A local root's sub-folder names (``scandir`` order) and its own files as :func:`iter_folders`
     lists them, from one ``scandir``: how a parallel discovery shares out the root's sub-folders."""
-    fs, path = resolve(root)
+    path = resolve(root)[1]
     names, files = [], []
     join = _uri_join(os.fspath(root))
     with os.scandir(path) as it:
